@@ -1,0 +1,48 @@
+# Kelpie's developer entry points. Every target installs what it needs first.
+#   make sim        install, then sweep every scenario over 100 seeds (the main job)
+#   make test       install, then the default (fast) test tier
+#   make test-slow  the slow tier (process-per-seed sweeps); CI runs it too
+#   make lint       ruff and mypy (strict)
+#   make bench      simulator throughput figures
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KELPIE := $(VENV)/bin/kelpie
+SEEDS ?= 100
+
+# Determinism recipe (DESIGN.md §4): hash randomisation off before the interpreter starts.
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-slow test-all sim lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kelpie needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+test-all: install
+	$(PY) -m pytest
+
+sim: install
+	$(KELPIE) sweep --seeds $(SEEDS)
+
+lint: install
+	$(VENV)/bin/ruff check kelpie scenarios tests bench
+	$(VENV)/bin/ruff format --check kelpie scenarios tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/sim_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,111 @@
+"""Every touch of trio's private names, in one place (DESIGN.md §4).
+
+Trio shuffles each batch of runnable tasks with a private module-level
+`random.Random` (`trio._core._run._r`). With the private flag
+`_ALLOW_DETERMINISTIC_SCHEDULING` set, it first sorts the batch by spawn order
+(instead of leaving it in an order that depends on memory addresses), then calls
+`_r.shuffle(batch)` and runs the batch by popping from its end. Replacing `_r`
+with an object whose `shuffle` asks our scheduling controller hands every
+scheduling decision to the simulator.
+
+trio is pinned to an exact version in pyproject.toml because of this module;
+tests/sim/test_trio_canary.py fails loudly if an upgrade moves any of it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import outcome
+import trio
+import trio._core._run as _trio_run
+import trio._threads as _trio_threads
+import trio.lowlevel
+
+TRIO_VERSION_TESTED = "0.35.0"
+
+#: Receives the batch of runnable tasks, sorted by spawn order, and must leave it
+#: in the order trio should *pop* it (the last element runs first).
+BatchOrderer = Callable[[list[trio.lowlevel.Task]], None]
+
+
+class _SchedulerRandom(random.Random):
+    """Stands in for `trio._core._run._r`; hands each batch to the simulator.
+
+    Trio calls `shuffle` (deterministic mode), `uniform` (a SystemClock's offset)
+    and, outside deterministic mode, `random`. The latter must never be reached
+    while we are installed, so it fails loudly.
+    """
+
+    def __init__(self, orderer: BatchOrderer) -> None:
+        super().__init__(0)
+        self._orderer = orderer
+
+    def shuffle(self, x: Any) -> None:
+        self._orderer(x)
+
+    def uniform(self, a: float, b: float) -> float:
+        # trio's SystemClock draws its random offset here when a run has no
+        # clock of its own; any fixed value will do.
+        return a
+
+    def random(self) -> float:
+        raise AssertionError(
+            "trio asked for a non-deterministic scheduling draw: "
+            "_ALLOW_DETERMINISTIC_SCHEDULING is not in effect (see kelpie/sim/_trio_hooks.py)"
+        )
+
+
+@contextmanager
+def deterministic_scheduling(orderer: BatchOrderer) -> Iterator[None]:
+    """Within the block, every trio.run schedules by `orderer`. Restores trio afterwards.
+
+    Must wrap each `trio.run` separately: trio's generator state otherwise carries
+    over between runs.
+    """
+    saved_flag = _trio_run._ALLOW_DETERMINISTIC_SCHEDULING
+    saved_r = _trio_run._r
+    _trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
+    _trio_run._r = _SchedulerRandom(orderer)
+    try:
+        yield
+    finally:
+        _trio_run._r = saved_r
+        _trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved_flag  # type: ignore[misc]
+
+
+def thread_starters() -> list[tuple[object, str]]:
+    """(module, attribute) pairs through which trio starts worker threads.
+
+    `trio.to_thread` reuses cached threads, so trapping `threading` alone would
+    miss it; the sanitizer patches these as well.
+    """
+    return [(_trio_threads, "start_thread_soon"), (trio.lowlevel, "start_thread_soon")]
+
+
+def check_hooks() -> list[str]:
+    """Problems that would break the hooks under the installed trio; empty when all is well."""
+    problems = []
+    if trio.__version__ != TRIO_VERSION_TESTED:
+        problems.append(
+            f"trio {trio.__version__} is installed; hooks were verified on {TRIO_VERSION_TESTED}"
+        )
+    if not hasattr(_trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING"):
+        problems.append("trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING is gone")
+    if not isinstance(getattr(_trio_run, "_r", None), random.Random):
+        problems.append("trio._core._run._r is no longer a random.Random")
+    if not hasattr(_trio_threads, "start_thread_soon"):
+        problems.append("trio._threads.start_thread_soon is gone")
+    return problems
+
+
+def throw_at_next_step(task: trio.lowlevel.Task, exc: BaseException) -> None:
+    """Makes `task`, which is about to take a step, raise `exc` at its checkpoint instead.
+
+    Used only to abort a run whose tasks ignore cancellation (the step limit's
+    last resort); it must be called from `Instrument.before_task_step`.
+    """
+    task._next_send = outcome.Error(exc)

@@ -1,0 +1,154 @@
+"""The `kelpie` command line, run as users run it: the installed entry point, in fresh processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KELPIE = str(Path(sys.executable).with_name("kelpie"))
+
+
+def kelpie(
+    *args: str, dst_seed: int | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DST_SEED", "PYTHONHASHSEED")}
+    if dst_seed is not None:
+        env["DST_SEED"] = str(dst_seed)
+    return subprocess.run(
+        [KELPIE, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+
+
+def first_failing_race_seed() -> int:
+    import scenarios
+    from kelpie.sim import run_scenario
+
+    race = scenarios.get("race")
+    return next(s for s in range(200) if not run_scenario(race, s).ok)
+
+
+def test_sim_passes_a_good_seed() -> None:
+    """`kelpie sim` on a passing seed prints PASS with the trace hash and exits 0."""
+    done = kelpie("sim", "--scenario", "race_fixed", "--seed", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"PASS race_fixed seed 3: .* trace [0-9a-f]{32}", done.stdout)
+
+
+def test_sim_failure_prints_everything_needed_to_reproduce() -> None:
+    """A failing run prints seed, scenario, faults, commit, trace tail, check and command."""
+    seed = first_failing_race_seed()
+    done = kelpie("sim", "--scenario", "race", dst_seed=seed)
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr
+    assert f"FAIL race seed {seed}: check" in out
+    assert "acknowledged appends missing from the sealed journal" in out
+    for label in ("seed", "scenario", "faults", "commit", "run"):
+        assert re.search(rf"^  {label} +\S", out, re.MULTILINE), label
+    assert "trace tail" in out and "journal.sealed" in out
+    assert f"reproduce: DST_SEED={seed} kelpie sim --scenario race" in out
+
+
+def test_reproduce_command_repeats_the_failure_and_its_hash() -> None:
+    """The printed reproduce command gives the same failure and trace hash as the original run."""
+    import scenarios
+    from kelpie.sim import run_scenario
+
+    seed = first_failing_race_seed()
+    original = run_scenario(scenarios.get("race"), seed)
+    done = kelpie("sim", "--scenario", "race", dst_seed=seed)
+    assert f"trace {original.trace_hash}" in done.stdout
+    assert original.failure is not None
+    assert original.failure.message in done.stdout.replace("\n", "")
+
+
+def test_sim_without_a_seed_draws_and_prints_one() -> None:
+    """Without --seed or DST_SEED, a random seed is used and printed."""
+    done = kelpie("sim", "--scenario", "race_fixed")
+    assert done.returncode == 0
+    assert re.search(r"no --seed or DST_SEED given: using seed \d+", done.stdout)
+
+
+def test_unknown_scenario_is_a_usage_error() -> None:
+    """An unknown scenario exits 2 and lists the known ones."""
+    done = kelpie("sim", "--scenario", "nope", "--seed", "1")
+    assert done.returncode == 2
+    assert "unknown scenario nope" in done.stderr and "race_fixed" in done.stderr
+
+
+def test_deadlock_scenario_report() -> None:
+    """`kelpie sim` reports the planted deadlock with the blocked tasks, without hanging."""
+    done = kelpie("sim", "--scenario", "deadlock", "--seed", "0", timeout=60)
+    assert done.returncode == 1
+    assert "FAIL deadlock seed 0: deadlock" in done.stdout
+    assert "left-then-right (node n1) waits in trio _LockImpl.acquire" in done.stdout
+
+
+def test_check_determinism_passes_and_detects_divergence() -> None:
+    """Fresh-process reruns agree for real scenarios and disagree for the planted leak."""
+    same = kelpie("sim", "--check-determinism", "--seeds", "3", "--scenario", "ring")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "deterministic: 3 runs of ring" in same.stdout
+    leak = kelpie("sim", "--check-determinism", "--seeds", "1", "--scenario", "leak")
+    assert leak.returncode == 1
+    assert "DIVERGED leak seed 0" in leak.stdout
+    assert re.search(r"first divergent trace row: #\d+", leak.stdout)
+    assert "run 1:" in leak.stdout and "run 2:" in leak.stdout
+
+
+def test_sweep_summarises_and_lists_failures_with_their_commands() -> None:
+    """A sweep that hits the race exits 1 and prints each failure's reproduce command."""
+    done = kelpie("sweep", "--seeds", "30", "--scenario", "race", "--scenario", "race_fixed")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "sweep summary" in done.stdout
+    commands = re.findall(r"reproduce: DST_SEED=(\d+) kelpie sim --scenario race\b", done.stdout)
+    assert commands
+    assert re.search(r"\d+ of 60 runs failed", done.stdout)
+    assert (
+        "--scenario race_fixed" not in done.stdout.split("sweep summary")[1].split("reproduce")[0]
+    )
+
+
+def test_sweep_passes_and_honours_the_budget() -> None:
+    """A clean sweep exits 0; a zero budget starts nothing and says so."""
+    done = kelpie("sweep", "--seeds", "10", "--jobs", "2", "--scenario", "race_fixed")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all passed" in done.stdout
+    spent = kelpie("sweep", "--seeds", "10", "--budget", "0", "--scenario", "race_fixed")
+    assert "budget spent" in spent.stdout
+
+
+@pytest.mark.slow
+def test_sweep_of_1000_seeds_passes() -> None:
+    """Acceptance: `kelpie sweep --seeds 1000` over the toy scenarios passes on this machine."""
+    done = kelpie("sweep", "--seeds", "1000", timeout=3000)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    print(done.stdout.split("sweep summary")[-1])
+
+
+@pytest.mark.slow
+def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
+    """Acceptance: 200 seeds of every deterministic scenario hash identically in fresh processes."""
+    names = [
+        arg
+        for name in ("cycle", "race", "race_fixed", "ring", "deadlock")
+        for arg in ("--scenario", name)
+    ]
+    done = kelpie("sim", "--check-determinism", "--seeds", "200", *names, timeout=3000)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    assert "deterministic: 1000 runs" in done.stdout
+
+
+@pytest.mark.slow
+def test_sweep_finds_the_planted_race_within_200_seeds() -> None:
+    """Acceptance: a 200-seed sweep of the planted race fails, with reproduce commands."""
+    done = kelpie("sweep", "--seeds", "200", "--scenario", "race", timeout=3000)
+    assert done.returncode == 1
+    seeds = re.findall(r"reproduce: DST_SEED=(\d+) kelpie sim --scenario race", done.stdout)
+    assert seeds
+    again = kelpie("sim", "--scenario", "race", dst_seed=int(seeds[0]))
+    assert again.returncode == 1
