@@ -136,6 +136,9 @@ def sim(
     On failure it prints the trace tail, what failed and the command that
     reproduces it, and exits 1.
     """
+    if not check_determinism and (seeds != 1 or jobs is not None):
+        raise click.UsageError("--seeds and --jobs go with --check-determinism; "
+                               "for many seeds in parallel use `kelpie sweep`")
     if check_determinism:
         names = _scenario_names(scenario_names, default_all=True)
         _check_determinism(names, seed or 0, seeds, jobs, timeout)
@@ -204,10 +207,11 @@ def _check_determinism(
     for report in sorted(diverged, key=lambda r: (r.job.scenario, r.job.seed)):
         job = report.job
         console.print(
-            f"[bold red]DIVERGED[/] {job.scenario} seed {job.seed} "
-            f"(commit {commit}): hashes {report.first.trace_hash or '-'} vs "
-            f"{report.second.trace_hash or '-'}"
+            f"[bold red]DIVERGED[/] {job.scenario} seed {job.seed}: hashes "
+            f"{report.first.trace_hash or '-'} vs {report.second.trace_hash or '-'}"
         )
+        console.print(f"  faults    {escape(report.first.faults)}")
+        console.print(f"  commit    {commit}")
         if report.divergence is None:
             for result in (report.first, report.second):
                 if result.failure is not None:

@@ -19,9 +19,10 @@ from kelpie.sim._result import RunResult
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def reproduce_command(scenario: str, seed: int) -> str:
+def reproduce_command(scenario: str, seed: int, schedule: str = "random") -> str:
     """The one command that replays this run exactly."""
-    return f"DST_SEED={seed} kelpie sim --scenario {shlex.quote(scenario)}"
+    command = f"DST_SEED={seed} kelpie sim --scenario {shlex.quote(scenario)}"
+    return command + (" --schedule fifo" if schedule == "fifo" else "")
 
 
 def git_commit() -> str:
@@ -104,7 +105,8 @@ def print_result(
         for line in failure.details:
             console.print(f"  {escape(line)}", highlight=False)
     _print_findings(console, result)
-    console.print(f"[bold]reproduce:[/] {escape(reproduce_command(result.scenario, result.seed))}")
+    command = reproduce_command(result.scenario, result.seed, result.schedule)
+    console.print(f"[bold]reproduce:[/] {escape(command)}")
 
 
 def _print_findings(console: Console, result: RunResult) -> None:

@@ -54,6 +54,8 @@ class RunResult:
     schedule_choices: int
     schedule_deviations: int
     faults: str
+    #: "random", "fifo" or "replay": how scheduling choices were made.
+    schedule: str = "random"
     trace_tail: tuple[TraceRow, ...] = ()
     findings: tuple[Finding, ...] = ()
     buggify: tuple[SiteRecord, ...] = ()

@@ -401,6 +401,7 @@ class _Run:
             schedule_choices=len(self.controller.choices),
             schedule_deviations=self.controller.deviations,
             faults=self.config.faults.describe(),
+            schedule=self.config.schedule if isinstance(self.config.schedule, str) else "replay",
             trace_tail=tuple(self.trace.tail()),
             findings=tuple(self.sanitizer.findings()),
             buggify=tuple(self.faults.report()),

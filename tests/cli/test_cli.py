@@ -105,12 +105,33 @@ def test_sweep_summarises_and_lists_failures_with_their_commands() -> None:
     done = kelpie("sweep", "--seeds", "30", "--scenario", "race", "--scenario", "race_fixed")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "sweep summary" in done.stdout
-    commands = re.findall(r"reproduce: DST_SEED=(\d+) kelpie sim --scenario race\b", done.stdout)
-    assert commands
     assert re.search(r"\d+ of 60 runs failed", done.stdout)
-    assert (
-        "--scenario race_fixed" not in done.stdout.split("sweep summary")[1].split("reproduce")[0]
+    failures = re.findall(
+        r"FAIL (\S+) seed (\d+):.*?trace ([0-9a-f]{32}).*?reproduce: (.+?)\n",
+        done.stdout,
+        re.DOTALL,
     )
+    assert failures and all(name == "race" for name, *_ in failures)
+    for name, seed, _trace_hash, command in failures:
+        assert command == f"DST_SEED={seed} kelpie sim --scenario {name}"
+
+
+def test_printed_reproduce_command_repeats_the_failure_and_its_hash() -> None:
+    """The command a sweep prints, run through a shell, repeats the failure with the same hash."""
+    swept = kelpie("sweep", "--seeds", "40", "--scenario", "race")
+    seed, trace_hash, command = re.findall(
+        r"FAIL race seed (\d+):.*?trace ([0-9a-f]{32}).*?reproduce: (.+?)\n",
+        swept.stdout,
+        re.DOTALL,
+    )[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("DST_SEED", "PYTHONHASHSEED")}
+    env["PATH"] = f"{Path(KELPIE).parent}{os.pathsep}{env.get('PATH', '')}"
+    again = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert again.returncode == 1
+    assert f"FAIL race seed {seed}: check" in again.stdout
+    assert f"trace {trace_hash}" in again.stdout
 
 
 def test_sweep_passes_and_honours_the_budget() -> None:
