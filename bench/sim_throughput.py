@@ -48,17 +48,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=default_jobs())
     args = parser.parse_args()
     names = ["cycle", "race", "race_fixed", "ring"]
-    print(f"simulator throughput ({args.seeds} in-process seeds, {args.sweep_seeds} swept "
-          f"seeds with {args.jobs} jobs, per scenario)")
-    header = (f"{'scenario':<11} {'steps/run':>10} {'steps/s':>10} "
-              f"{'seeds/min in-process':>21} {'seeds/min swept':>16}")
+    print(
+        f"simulator throughput ({args.seeds} in-process seeds, {args.sweep_seeds} swept "
+        f"seeds with {args.jobs} jobs, per scenario)"
+    )
+    header = (
+        f"{'scenario':<11} {'steps/run':>10} {'steps/s':>10} "
+        f"{'seeds/min in-process':>21} {'seeds/min swept':>16}"
+    )
     print(header)
     print("-" * len(header))
     for name in names:
         steps_per_s, runs_per_min, steps_per_run = in_process(name, args.seeds)
         sweep_per_min = swept(name, args.sweep_seeds, args.jobs)
-        print(f"{name:<11} {steps_per_run:>10,.0f} {steps_per_s:>10,.0f} "
-              f"{runs_per_min:>21,.0f} {sweep_per_min:>16,.0f}")
+        print(
+            f"{name:<11} {steps_per_run:>10,.0f} {steps_per_s:>10,.0f} "
+            f"{runs_per_min:>21,.0f} {sweep_per_min:>16,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -137,8 +137,10 @@ def sim(
     reproduces it, and exits 1.
     """
     if not check_determinism and (seeds != 1 or jobs is not None):
-        raise click.UsageError("--seeds and --jobs go with --check-determinism; "
-                               "for many seeds in parallel use `kelpie sweep`")
+        raise click.UsageError(
+            "--seeds and --jobs go with --check-determinism; "
+            "for many seeds in parallel use `kelpie sweep`"
+        )
     if check_determinism:
         names = _scenario_names(scenario_names, default_all=True)
         _check_determinism(names, seed or 0, seeds, jobs, timeout)
