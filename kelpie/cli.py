@@ -7,6 +7,7 @@ worker's. `DST_SEED` is honoured wherever a seed is taken.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import defaultdict
@@ -117,7 +118,7 @@ def scenarios() -> None:
     type=click.FloatRange(min=1),
     default=300,
     show_default=True,
-    help="With --check-determinism: real seconds before a run counts as hung.",
+    help="Real seconds before a run counts as hung (a task that never yields).",
 )
 def sim(
     scenario_names: tuple[str, ...],
@@ -151,19 +152,17 @@ def sim(
     import scenarios as registry
     from kelpie.sim import run_scenario
     from kelpie.sim._report import git_commit, print_result
+    from kelpie.sim._watchdog import wall_timeout
 
     if seed is None:
         seed = _random_seed()
         console.print(f"no --seed or DST_SEED given: using seed {seed}")
     scenario = registry.get(names[0])
     mode: Literal["random", "fifo"] = "fifo" if schedule == "fifo" else "random"
-    if trace_out:
-        with open(trace_out, "w", encoding="utf-8") as sink:
-            result = run_scenario(
-                scenario, seed, schedule=mode, trace_sink=sink, trace_tail_len=tail
-            )
-    else:
-        result = run_scenario(scenario, seed, schedule=mode, trace_tail_len=tail)
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(trace_out, "w", encoding="utf-8")) if trace_out else None
+        stack.enter_context(wall_timeout(timeout))
+        result = run_scenario(scenario, seed, schedule=mode, trace_sink=sink, trace_tail_len=tail)
     print_result(console, result, commit=git_commit(), show_trace=show_trace)
     if not result.ok:
         sys.exit(1)

@@ -7,6 +7,11 @@ if, and only if, transactions are serializable. Reads and commits yield to the
 scheduler (and BUGGIFY stretches them), so conflicting transactions overlap;
 the optimistic map must detect every conflict at commit.
 
+Workers run on three simulated nodes whose wall clocks are skewed, drift and
+jump; each commit is stamped with its node's wall time, and the summary counts
+stamps that go backwards in commit order (the store orders by version, never by
+wall time).
+
 Invariants:
 - a reader transaction that commits always sees a single cycle of length N;
 - after the run, the map is a single cycle of length N;
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import trio
 
-from kelpie.sim import CheckFailed, Scenario, SimContext, Workload
+from kelpie.sim import CheckFailed, ClockFaults, FaultConfig, Scenario, SimContext, Workload
 
 RETRIES_MAX = 50
 
@@ -106,11 +111,14 @@ class CycleWorkload(Workload):
         )
         self.gave_up = 0
         self.swaps_committed = 0
+        self.last_stamp_ms = 0
+        self.wall_backsteps = 0
         self.reads_checked = 0
         self.done = False
 
     async def swap(self, ctx: SimContext, wid: int) -> None:
         rng = ctx.rng.fork(f"worker:{wid}")
+        clock = ctx.nodes[wid % len(ctx.nodes)].env.clock
         for _ in range(self.txns_per_worker):
             for attempt in range(RETRIES_MAX):
                 txn = self.store.begin(ctx)
@@ -128,7 +136,13 @@ class CycleWorkload(Workload):
                     await trio.sleep(rng.uniform(0, 0.001 * (attempt + 1)))
                     continue
                 self.swaps_committed += 1
-                ctx.emit("cycle.commit", worker=wid, a=a, b=b, c=c)
+                # Commit order is the store's (versions); wall stamps from skewed,
+                # jumping node clocks may disagree with it, which is the point.
+                stamp_ms = clock.wall_ms()
+                if stamp_ms < self.last_stamp_ms:
+                    self.wall_backsteps += 1
+                self.last_stamp_ms = stamp_ms
+                ctx.emit("cycle.commit", worker=wid, a=a, b=b, c=c, wall_ms=stamp_ms)
                 break
             else:
                 self.gave_up += 1
@@ -153,7 +167,8 @@ class CycleWorkload(Workload):
             ctx.spawn(checkers, self.read_all, ctx, name="reader")
             async with trio.open_nursery() as workers:
                 for wid in range(self.workers):
-                    ctx.spawn(workers, self.swap, ctx, wid, name=f"worker-{wid}")
+                    node = ctx.nodes[wid % len(ctx.nodes)]
+                    ctx.spawn(workers, self.swap, ctx, wid, node=node, name=f"worker-{wid}")
             self.done = True
 
     async def check(self, ctx: SimContext) -> None:
@@ -176,6 +191,7 @@ class CycleWorkload(Workload):
             commits=self.store.commits,
             gave_up=self.gave_up,
             reads=self.reads_checked,
+            wall_backsteps=self.wall_backsteps,
         )
 
 
@@ -183,6 +199,10 @@ SCENARIOS = (
     Scenario(
         name="cycle",
         summary="FDB-style cycle: concurrent swap transactions on an optimistic in-memory map",
+        nodes=3,
+        faults=FaultConfig(
+            clock=ClockFaults(skew_max_ms=250, drift_max_ppm=100, jump_rate_per_s=2, jump_max_ms=50)
+        ),
         workload=CycleWorkload,
         max_time_s=600.0,
     ),

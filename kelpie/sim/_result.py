@@ -26,7 +26,7 @@ class FailureKind(enum.Enum):
     TIME_LIMIT = "time_limit"  # simulated time ran past the run's maximum
     STEP_LIMIT = "step_limit"  # the run took more scheduling steps than its maximum
     SANITIZER = "sanitizer"  # the workload touched the real world (socket, thread, ...)
-    HANG = "hang"  # the worker process stopped answering (no checkpoint): sweeps only
+    HANG = "hang"  # real time ran out: a task never reached a checkpoint
     WORKER = "worker"  # the worker process died without a result: sweeps only
 
 

@@ -53,6 +53,7 @@ from kelpie.sim._scheduler import (
     SchedulingController,
 )
 from kelpie.sim._trace import Trace, render_fields
+from kelpie.sim._watchdog import RunTimedOut
 
 _TRIO_DIR = os.path.dirname(trio.__file__) + os.sep
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -261,13 +262,9 @@ class _Run:
         self.trace.add(self.vclock.current_time(), node, label, kind, in_tail=not system)
 
     def emit(self, node: str, kind: str, fields: Any) -> None:
-        self.trace.add(
-            self.vclock.current_time(),
-            node,
-            self._current_label(),
-            kind,
-            render_fields(dict(fields)),
-        )
+        # Memory addresses in a repr are never meaningful and differ between processes.
+        detail = _ADDRESS.sub("", render_fields(dict(fields)))
+        self.trace.add(self.vclock.current_time(), node, self._current_label(), kind, detail)
 
     def _on_buggify(self, site: str) -> None:
         self.emit(CURRENT_NODE.get(), "buggify", {"site": site})
@@ -462,6 +459,7 @@ def _format(exc: BaseException) -> tuple[str, ...]:
 def _classify(error: BaseException) -> Failure:
     leaves = list(_leaves(error))
     for kind, types in (
+        (FailureKind.HANG, (RunTimedOut,)),
         (FailureKind.SANITIZER, (DeterminismViolation,)),
         (FailureKind.CHECK, (AssertionError,)),
     ):

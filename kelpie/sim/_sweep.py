@@ -1,20 +1,27 @@
 """Many simulated runs, one fresh process per seed, in parallel: sweeps and the determinism check.
 
 This is harness code: it runs under the real clock, outside any simulation, and
-starts `python -m kelpie.sim.worker` processes with `PYTHONHASHSEED=0`. A worker
-that does not finish within its timeout is killed and reported as a hang (a
-task that never reaches a checkpoint cannot be stopped from inside); one that
-exits without a result is reported as a broken worker. Both still come with
-their reproduce command.
+starts `python -m kelpie.sim.worker` processes with `PYTHONHASHSEED=0`: sweeps
+feed fork servers (one forked process per seed, without paying for a new
+interpreter and its imports each time); the determinism check starts a brand-new
+interpreter for each of its two runs. A run that does not finish within its
+timeout is killed and reported as a hang (a task that never reaches a checkpoint
+cannot be stopped from inside); one that dies without a result is reported as a
+broken worker. Both still come with their reproduce command.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 import trio
@@ -23,6 +30,8 @@ from kelpie.sim._result import Failure, FailureKind, RunResult
 from kelpie.sim._trace import TraceRow, first_divergence
 
 _STDERR_TAIL_LINES = 20
+#: Real seconds past a run's own watchdog before the harness kills its process.
+_BACKSTOP_S = 10.0
 
 
 @attrs.frozen
@@ -76,27 +85,19 @@ async def run_worker(job: Job, *, timeout_s: float, trace_out: Path | None = Non
         job.scenario,
         "--seed",
         str(job.seed),
+        "--timeout",
+        str(timeout_s),
     ]
     if trace_out is not None:
         command += ["--trace-out", str(trace_out)]
     started = trio.current_time()
-    with trio.move_on_after(timeout_s) as scope:
+    with trio.move_on_after(timeout_s + _BACKSTOP_S) as scope:
         proc = await trio.run_process(
             command, capture_stdout=True, capture_stderr=True, check=False, env=worker_env()
         )
     wall_s = trio.current_time() - started
     if scope.cancelled_caught:
-        return Outcome(
-            job,
-            _broken(
-                job,
-                FailureKind.HANG,
-                f"the run did not finish within {timeout_s:g}s of real time "
-                "(a task that never reaches a checkpoint?)",
-                (),
-            ),
-            wall_s,
-        )
+        return Outcome(job, _broken(job, FailureKind.HANG, _hang_message(timeout_s), ()), wall_s)
     stdout = proc.stdout.decode("utf-8", "replace").strip()
     if proc.returncode != 0 or not stdout:
         stderr = proc.stderr.decode("utf-8", "replace").rstrip().splitlines()
@@ -113,6 +114,95 @@ async def run_worker(job: Job, *, timeout_s: float, trace_out: Path | None = Non
     return Outcome(job, RunResult.from_json(stdout.splitlines()[-1]), wall_s)
 
 
+class _ForkServer:
+    """One `python -m kelpie.sim.worker --serve` process, fed one job at a time.
+
+    It runs in its own session, so that a hung run is stopped by killing the
+    whole process group (the zygote and its forked child); the next job then
+    starts a new zygote.
+    """
+
+    def __init__(self, stderr: BinaryIO) -> None:
+        self._proc: trio.Process | None = None
+        self._buffer = b""
+        self._stderr = stderr
+
+    async def _start(self) -> trio.Process:
+        self._buffer = b""
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "kelpie.sim.worker", "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=worker_env(),
+            start_new_session=True,
+        )
+
+    async def _readline(self, proc: trio.Process) -> bytes | None:
+        assert proc.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await proc.stdout.receive_some(1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _stderr_tail(self) -> list[str]:
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode("utf-8", "replace").rstrip().splitlines()
+        return lines[-_STDERR_TAIL_LINES:]
+
+    async def stop(self, *, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.stdin is not None:
+            await proc.stdin.aclose()
+        await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+    async def run(self, job: Job, *, timeout_s: float, tail: int = 40) -> RunResult:
+        if self._proc is None:
+            self._proc = await self._start()
+        proc = self._proc
+        assert proc.stdin is not None
+        request = {"scenario": job.scenario, "seed": job.seed, "tail": tail, "timeout_s": timeout_s}
+        await proc.stdin.send_all(json.dumps(request).encode("utf-8") + b"\n")
+        # The child's own watchdog reports a hang with its traceback; this is the backstop.
+        with trio.move_on_after(timeout_s + _BACKSTOP_S) as scope:
+            line = await self._readline(proc)
+        if scope.cancelled_caught:
+            await self.stop(kill=True)
+            return _broken(job, FailureKind.HANG, _hang_message(timeout_s), ())
+        if line is None:
+            await self.stop(kill=True)
+            return _broken(
+                job, FailureKind.WORKER, "the fork server exited unexpectedly", self._stderr_tail()
+            )
+        reply = json.loads(line)
+        if reply["result"] is not None and reply["status"] == 0:
+            return RunResult.from_json(reply["result"])
+        details = (reply["error"] or "").rstrip().splitlines() or self._stderr_tail()
+        return _broken(
+            job,
+            FailureKind.WORKER,
+            f"the worker process failed (wait status {reply['status']})",
+            details[-_STDERR_TAIL_LINES:],
+        )
+
+
+def _hang_message(timeout_s: float) -> str:
+    return (
+        f"the worker did not answer within {timeout_s + _BACKSTOP_S:g}s of real time and "
+        "was killed; its own watchdog never fired (a task blocking in native code?)"
+    )
+
+
 async def run_jobs(
     jobs: Sequence[Job],
     *,
@@ -121,25 +211,41 @@ async def run_jobs(
     budget_s: float | None = None,
     on_outcome: Callable[[Outcome], None] = lambda outcome: None,
 ) -> list[Outcome]:
-    """Runs `jobs` in up to `parallel` worker processes; stops starting new ones after the budget.
+    """Runs `jobs` on `parallel` fork servers; stops starting new ones after the budget.
 
-    Outcomes come back in job order; jobs never started (budget spent) are left out.
+    Each run is a fresh forked process (see kelpie/sim/worker.py). Outcomes come
+    back in job order; jobs never started (budget spent) are left out.
     """
     results: dict[int, Outcome] = {}
-    limiter = trio.CapacityLimiter(parallel)
     started = trio.current_time()
+    send, receive = trio.open_memory_channel[tuple[int, Job]](len(jobs))
+    for item in enumerate(jobs):
+        send.send_nowait(item)
+    send.close()
 
-    async def one(index: int, job: Job) -> None:
-        async with limiter:
-            if budget_s is not None and trio.current_time() - started > budget_s:
-                return
-            outcome = await run_worker(job, timeout_s=timeout_s)
-        results[index] = outcome
-        on_outcome(outcome)
+    async def serve(receive: trio.MemoryReceiveChannel[tuple[int, Job]]) -> None:
+        with tempfile.TemporaryFile() as stderr:
+            await serve_with(receive, _ForkServer(stderr))
+
+    async def serve_with(
+        receive: trio.MemoryReceiveChannel[tuple[int, Job]], server: _ForkServer
+    ) -> None:
+        try:
+            async for index, job in receive:
+                if budget_s is not None and trio.current_time() - started > budget_s:
+                    continue
+                job_started = trio.current_time()
+                result = await server.run(job, timeout_s=timeout_s)
+                outcome = Outcome(job, result, trio.current_time() - job_started)
+                results[index] = outcome
+                on_outcome(outcome)
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.stop(kill=True)
 
     async with trio.open_nursery() as nursery:
-        for index, job in enumerate(jobs):
-            nursery.start_soon(one, index, job)
+        for _ in range(parallel):
+            nursery.start_soon(serve, receive.clone())
     return [results[i] for i in sorted(results)]
 
 

@@ -1,36 +1,124 @@
-"""One simulated run in a fresh process: `python -m kelpie.sim.worker --scenario S --seed N`.
+"""Simulated runs in their own processes: one run, or a fork server for sweeps.
 
-Sweeps and the determinism check start one of these per seed, with
-`PYTHONHASHSEED=0`, so every run starts from a fresh heap and fresh module state
-(DESIGN.md §4, item 6). It prints the run's `RunResult` as one line of JSON and
-exits 0 whether the run passed or failed; any other exit means the worker itself
-broke. It imports neither click nor rich, to start fast.
+`python -m kelpie.sim.worker --scenario S --seed N` makes one run in this fresh
+process and prints its `RunResult` as one line of JSON. The determinism check
+uses it, so that each of its two runs starts from a brand-new interpreter.
+
+`python -m kelpie.sim.worker --serve` is a fork server ("zygote") for sweeps:
+it imports the simulator and every scenario once, then reads one job per line
+on stdin (`{"scenario", "seed", "tail", "timeout_s"}` as JSON), forks a child
+per job, and writes one line per job on stdout: `{"status": <wait status>, "result": <RunResult
+JSON or null>, "error": <traceback or null>}`. A forked child is a fresh process
+whose module state is the zygote's, which never runs a simulation itself, so
+every child starts from the same state, at the cost of a fork instead of an
+interpreter start (DESIGN.md §4, item 6).
+
+Both are started with `PYTHONHASHSEED=0` by kelpie/sim/_sweep.py, exit 0 when
+the run itself completed (pass or fail), and import neither click nor rich.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+import traceback
+
+
+def _run(
+    scenario_name: str, seed: int, *, trace_out: str | None, tail: int, timeout_s: float
+) -> str:
+    import scenarios
+    from kelpie.sim import run_scenario
+    from kelpie.sim._watchdog import wall_timeout
+
+    scenario = scenarios.get(scenario_name)
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(trace_out, "w", encoding="utf-8")) if trace_out else None
+        stack.enter_context(wall_timeout(timeout_s))
+        result = run_scenario(scenario, seed, trace_sink=sink, trace_tail_len=tail)
+    return result.to_json()
+
+
+def _child(job: dict[str, object], write_fd: int) -> int:
+    """The body of a forked child: one run, its result on `write_fd`."""
+    try:
+        result = _run(
+            str(job["scenario"]),
+            int(str(job["seed"])),
+            trace_out=None,
+            tail=int(str(job["tail"])),
+            timeout_s=float(str(job["timeout_s"])),
+        )
+        reply = {"result": result, "error": None}
+        code = 0
+    except BaseException:
+        reply = {"result": None, "error": traceback.format_exc()}
+        code = 1
+    data = json.dumps(reply).encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(write_fd, view) :]
+    return code
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve() -> int:
+    """The fork server loop (see the module docstring)."""
+    import kelpie.sim  # noqa: F401 - imported once here, inherited by every child
+    import scenarios
+
+    scenarios.all_scenarios()  # import every scenario module before the first fork
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            code = _child(job, write_fd)
+            os._exit(code)  # no atexit handlers, no flushing of the zygote's buffers
+        os.close(write_fd)
+        data = _read_all(read_fd)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        reply = json.loads(data) if data else {"result": None, "error": None}
+        reply["status"] = status
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kelpie.sim.worker")
-    parser.add_argument("--scenario", required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--serve", action="store_true", help="run as a sweep's fork server")
+    parser.add_argument("--scenario")
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--trace-out", help="write every trace row to this file")
     parser.add_argument("--tail", type=int, default=40, help="trace rows kept for the report")
+    parser.add_argument("--timeout", type=float, default=300, help="real seconds for the run")
     args = parser.parse_args(argv)
-
-    import scenarios
-    from kelpie.sim import run_scenario
-
-    scenario = scenarios.get(args.scenario)
-    if args.trace_out:
-        with open(args.trace_out, "w", encoding="utf-8") as sink:
-            result = run_scenario(scenario, args.seed, trace_sink=sink, trace_tail_len=args.tail)
-    else:
-        result = run_scenario(scenario, args.seed, trace_tail_len=args.tail)
-    sys.stdout.write(result.to_json() + "\n")
+    if args.serve:
+        return serve()
+    if args.scenario is None or args.seed is None:
+        parser.error("--scenario and --seed are required (or --serve)")
+    result = _run(
+        args.scenario,
+        args.seed,
+        trace_out=args.trace_out,
+        tail=args.tail,
+        timeout_s=args.timeout,
+    )
+    sys.stdout.write(result + "\n")
     return 0
 
 

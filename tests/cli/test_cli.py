@@ -88,6 +88,18 @@ def test_deadlock_scenario_report() -> None:
     assert "left-then-right (node n1) waits in trio _LockImpl.acquire" in done.stdout
 
 
+def test_a_task_that_never_yields_is_reported_as_a_hang() -> None:
+    """The watchdog ends a checkpoint-free loop, in `sim` and in a sweep, naming the line."""
+    done = kelpie("sim", "--scenario", "hang", "--seed", "0", "--timeout", "1", timeout=60)
+    assert done.returncode == 1
+    assert "FAIL hang seed 0: hang" in done.stdout
+    assert "scenarios/hang.py" in done.stdout and "while spins >= 0" in done.stdout
+    swept = kelpie("sweep", "--scenario", "hang", "--seeds", "3", "--timeout", "1", timeout=60)
+    assert swept.returncode == 1
+    assert swept.stdout.count(": hang\n") == 3  # the fork server survives each hang
+    assert "3 of 3 runs failed" in swept.stdout
+
+
 def test_check_determinism_passes_and_detects_divergence() -> None:
     """Fresh-process reruns agree for real scenarios and disagree for the planted leak."""
     same = kelpie("sim", "--check-determinism", "--seeds", "3", "--scenario", "ring")

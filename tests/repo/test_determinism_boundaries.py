@@ -46,6 +46,7 @@ ALLOWED = {
     "kelpie/sim/_trio_hooks.py": "names trio's thread starters so the sanitizer can block them",
     "kelpie/sim/_sweep.py": "harness: starts worker processes on the real clock, outside any run",
     "kelpie/sim/_report.py": "harness: asks git for the commit, outside any run",
+    "kelpie/sim/worker.py": "harness: the sweep's fork server forks one process per seed",
     "kelpie/cli.py": "harness: draws a fresh seed from the OS and starts sweeps, outside any run",
     "scenarios/leak.py": "planted nondeterminism: reads the real clock on purpose (planted_bug)",
 }

@@ -14,6 +14,7 @@ def test_registry_lists_every_scenario() -> None:
     assert set(scenarios.all_scenarios()) == {
         "cycle",
         "deadlock",
+        "hang",
         "leak",
         "race",
         "race_fixed",
