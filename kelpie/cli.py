@@ -22,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 # Logs and CI are not terminals: give tables room instead of rich's 80 columns.
+SEED_MAX = 2**64 - 1
+
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
@@ -33,7 +35,13 @@ def _scenario_names(names: Sequence[str], *, default_all: bool) -> list[str]:
         if default_all:
             return scenarios.default_names()
         raise click.UsageError(f"name a scenario with --scenario; known: {', '.join(known)}")
-    unknown = [n for n in names if n not in known]
+    for name in names:
+        if ":" in name:
+            try:
+                scenarios.get(name)
+            except KeyError as exc:
+                raise click.BadParameter(str(exc.args[0]), param_hint="--scenario") from None
+    unknown = [n for n in names if n not in known and ":" not in n]
     if unknown:
         raise click.BadParameter(
             f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}",
@@ -74,7 +82,7 @@ def scenarios() -> None:
 )
 @click.option(
     "--seed",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=SEED_MAX),
     envvar="DST_SEED",
     show_envvar=True,
     help="Seed of the run (random and printed when omitted).",
@@ -106,6 +114,13 @@ def scenarios() -> None:
 )
 @click.option("--trace", "show_trace", is_flag=True, help="Print the trace tail on success too.")
 @click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    hidden=True,
+    help="Print the run's result as one line of JSON (for the determinism check).",
+)
+@click.option(
     "--trace-out",
     type=click.Path(dir_okay=False, writable=True),
     help="Write every trace row to this file.",
@@ -128,6 +143,7 @@ def sim(
     jobs: int | None,
     schedule: str,
     show_trace: bool,
+    as_json: bool,
     trace_out: str | None,
     tail: int,
     timeout: float,
@@ -163,6 +179,9 @@ def sim(
         sink = stack.enter_context(open(trace_out, "w", encoding="utf-8")) if trace_out else None
         stack.enter_context(wall_timeout(timeout))
         result = run_scenario(scenario, seed, schedule=mode, trace_sink=sink, trace_tail_len=tail)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+        return
     print_result(console, result, commit=git_commit(), show_trace=show_trace)
     if not result.ok:
         sys.exit(1)
@@ -251,7 +270,7 @@ def _progress() -> Progress:
 )
 @click.option(
     "--first-seed",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=SEED_MAX),
     envvar="DST_SEED",
     default=0,
     show_default=True,

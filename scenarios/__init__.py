@@ -2,7 +2,9 @@
 
 Every module in this package may define `SCENARIOS`, a tuple of `Scenario`s;
 `all_scenarios()` collects them in module-name order. To add one, write a module
-here (see docs/SIMULATION.md, "Writing a scenario"); the sweep picks it up.
+here (see docs/SIMULATION.md, "Writing a scenario"); the sweep picks it up. A
+scenario defined in any importable module can also be named as
+`package.module:NAME` wherever a scenario name is taken.
 """
 
 from __future__ import annotations
@@ -26,12 +28,28 @@ def all_scenarios() -> dict[str, Scenario]:
 
 
 def get(name: str) -> Scenario:
-    """The scenario called `name`; a KeyError lists the known names."""
+    """The scenario called `name`, or `package.module:NAME` for one defined elsewhere.
+
+    A KeyError lists the known names.
+    """
+    if ":" in name:
+        return _load(name)
     scenarios = all_scenarios()
     try:
         return scenarios[name]
     except KeyError:
         raise KeyError(f"no scenario named {name!r}; known: {', '.join(scenarios)}") from None
+
+
+def _load(spec: str) -> Scenario:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise KeyError(f"cannot load scenario {spec!r}: {exc}") from None
+    if not isinstance(found, Scenario):
+        raise KeyError(f"{spec!r} is a {type(found).__name__}, not a kelpie.sim.Scenario")
+    return found
 
 
 def default_names() -> list[str]:

@@ -8,7 +8,7 @@ Code marks a risky point with a named site and takes the rare path when it fires
 Site names are dotted, lower-case and unique (`layer.component.what`), so a
 grep finds every site and the simulator's coverage report can name the ones no
 scenario reached. In production `NoFaults` answers False, always. The simulator
-passes its own `Faults` (kelpie/sim/_buggify.py), which enables each site once
+passes its own `Faults` (kelpie/sim/_faults.py), which enables each site once
 per run with p=0.25 and then fires an enabled site with p=0.25, every draw taken
 from the run's seed and recorded.
 """

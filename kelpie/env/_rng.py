@@ -21,8 +21,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_SEED_BITS = 64
-_SEED_MAX = (1 << _SEED_BITS) - 1
+#: Seeds are stored in 16 bytes when deriving child streams.
+_SEED_LIMIT = 1 << 128
 
 
 def derive_seed(seed: int, label: str) -> int:
@@ -38,8 +38,8 @@ class Rng:
     __slots__ = ("_random", "_seed")
 
     def __init__(self, seed: int) -> None:
-        if not 0 <= seed <= (1 << 127):
-            raise ValueError(f"seed must be a non-negative integer below 2**127, got {seed}")
+        if not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be a non-negative integer below 2**128, got {seed}")
         self._seed = seed
         self._random = random.Random(seed)
 

@@ -1,12 +1,12 @@
 """Simulated time: one virtual trio clock per run, and one skewable wall clock per node.
 
-`VirtualClock` is the `trio.abc.Clock` of a simulated run. Time stands still
-while any task can run; when none can, trio asks the clock how long to sleep,
-and the clock jumps straight to the earliest pending deadline (never adding up
-concurrent sleeps) and answers "zero". Two situations stop the jump:
+`VirtualClock` is the trio clock of a simulated run. Time stands still while
+any task can run, or any wake-up (I/O readiness, `run_sync_soon`) is pending;
+when the run is truly idle, the clock jumps straight to the earliest pending
+deadline (never adding up concurrent sleeps). Two situations stop the jump:
 
 - no deadline is pending and nothing can run: a deadlock, reported through
-  `on_idle` (only while `armed`, i.e. while the workload runs);
+  `on_deadlock` (only while `armed`, i.e. while the workload runs);
 - the earliest deadline lies beyond `limit_s`: the run's time budget is spent,
   reported through `on_limit`.
 
@@ -23,56 +23,70 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import trio
-
 from kelpie.env import Clock, Rng
+from kelpie.sim._trio_hooks import idle_jump_clock
 
 #: 2026-01-01T00:00:00Z: every simulated node's wall clock starts near here.
 SIM_EPOCH_NS = 1_767_225_600 * 1_000_000_000
 
 
-class VirtualClock(trio.abc.Clock):
-    """A trio clock that jumps to the next deadline and reports deadlocks and overruns."""
+class VirtualClock:
+    """The run's trio clock: jumps to the next deadline, reports deadlocks and overruns.
+
+    trio asks it to move only when the run is idle (see `IdleJumpClock`). While
+    `armed` (the workload is running), an idle run with no pending deadline is a
+    deadlock (`on_deadlock`), and one whose next deadline lies past `limit_s` has
+    spent its time budget (`on_limit`); otherwise time jumps exactly to the
+    deadline. `poison(exc)` makes every later read of the time raise `exc`: the
+    last-resort stop for a run whose tasks ignore every other way of stopping.
+    """
 
     def __init__(
         self,
         *,
         limit_s: float,
-        on_idle: Callable[[], None],
+        on_deadlock: Callable[[], None],
         on_limit: Callable[[float], None],
     ) -> None:
         self._now = 0.0
         self._limit_s = limit_s
-        self._on_idle = on_idle
+        self._on_deadlock = on_deadlock
         self._on_limit = on_limit
+        self._poison: BaseException | None = None
         self.armed = False
+        #: What to pass to `trio.run(clock=...)`.
+        self.trio_clock = idle_jump_clock(self.current_time, self.on_idle)
 
-    def start_clock(self) -> None:
-        pass
+    def advance_to(self, deadline: float) -> None:
+        """Moves time exactly to `deadline` (never rounding through a difference)."""
+        assert deadline >= self._now, (deadline, self._now)
+        self._now = deadline
 
     def current_time(self) -> float:
+        if self._poison is not None:
+            raise self._poison
         return self._now
 
-    def deadline_to_sleep_time(self, deadline: float) -> float:
-        # Trio calls this only when no task is runnable.
-        if deadline <= self._now:
-            return 0.0
+    @property
+    def now_s(self) -> float:
+        """The current virtual time, for the simulator's own bookkeeping (never poisoned)."""
+        return self._now
+
+    def poison(self, exc: BaseException) -> None:
+        """From now on, reading the time raises `exc` (which ends the trio run)."""
+        self._poison = exc
+
+    def on_idle(self, deadline: float) -> None:
         if not self.armed:
-            # Start-up and tear-down of trio itself: behave like a real clock
-            # for an infinite wait (trio's own wake-up fd ends it) and jump
-            # over finite ones.
-            if math.isinf(deadline):
-                return deadline
-            self._now = deadline
-            return 0.0
-        if math.isinf(deadline):
-            self._on_idle()
-            return 0.0
-        if deadline > self._limit_s:
+            # trio's own start-up and tear-down: move on, never judge.
+            if not math.isinf(deadline):
+                self.advance_to(deadline)
+        elif math.isinf(deadline):
+            self._on_deadlock()
+        elif deadline > self._limit_s:
             self._on_limit(deadline)
-            return 0.0
-        self._now = deadline
-        return 0.0
+        else:
+            self.advance_to(deadline)
 
     def __repr__(self) -> str:
         return f"VirtualClock(now={self._now!r})"

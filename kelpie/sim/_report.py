@@ -22,6 +22,11 @@ _REPO = Path(__file__).resolve().parents[2]
 def reproduce_command(scenario: str, seed: int, schedule: str = "random") -> str:
     """The one command that replays this run exactly."""
     command = f"DST_SEED={seed} kelpie sim --scenario {shlex.quote(scenario)}"
+    if schedule == "replay":
+        return (
+            f"replay its recorded schedule with the same seed: "
+            f"SimConfig(seed={seed}, schedule=<choices>) ({command} runs the seeded schedule)"
+        )
     return command + (" --schedule fifo" if schedule == "fifo" else "")
 
 

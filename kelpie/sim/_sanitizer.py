@@ -105,6 +105,28 @@ _BLOCKED_AUDIT_EVENTS = {
     "pty.spawn": "subprocess",
 }
 
+#: Audit events that change the file system: (api, index of the path argument(s)).
+_FS_WRITE_EVENTS = {
+    "os.remove": (0,),
+    "os.rmdir": (0,),
+    "os.mkdir": (0,),
+    "os.rename": (0, 1),
+    "os.link": (0, 1),
+    "os.symlink": (0, 1),
+    "os.truncate": (0,),
+    "os.chmod": (0,),
+    "os.chown": (0,),
+    "os.utime": (0,),
+    "shutil.rmtree": (0,),
+    "shutil.copyfile": (1,),
+    "shutil.copytree": (1,),
+    "shutil.move": (0, 1),
+}
+_FS_LIST_EVENTS = frozenset({"os.listdir", "os.scandir"})
+
+#: Files any run may read wherever they are: Python source and bytecode (imports, tracebacks).
+_CODE_SUFFIXES = (".py", ".pyc")
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -121,6 +143,12 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         return
     if event == "open":
         sanitizer._check_open(args)
+        return
+    if event in _FS_WRITE_EVENTS:
+        sanitizer._check_fs_write(event, [args[i] for i in _FS_WRITE_EVENTS[event]])
+        return
+    if event in _FS_LIST_EVENTS:
+        sanitizer._check_listing(event, args[0])
         return
     api = _BLOCKED_AUDIT_EVENTS.get(event)
     if api is not None:
@@ -139,7 +167,10 @@ def _describe_frame(frame: FrameType) -> str:
 
 
 def _is_stdlib(filename: str) -> bool:
-    return filename.startswith(_STDLIB_DIRS) or filename.startswith("<frozen")
+    """`filename` (as in a code object) belongs to the standard library."""
+    if filename.startswith("<frozen"):
+        return True
+    return os.path.realpath(filename).startswith(_STDLIB_DIRS)
 
 
 def call_site() -> tuple[str, str]:
@@ -151,7 +182,7 @@ def call_site() -> tuple[str, str]:
         if filename != _THIS_FILE:
             if direct is None:
                 direct = frame
-            if not _is_stdlib(os.path.realpath(filename)):
+            if not _is_stdlib(filename):
                 break
         frame = frame.f_back
     if frame is None:
@@ -193,15 +224,13 @@ class Sanitizer:
         self._wall_ns = wall_ns
         self._monotonic_s = monotonic_s
         self._allowed_rw = tuple(os.path.realpath(p) for p in allowed_paths)
+        # Deliberately independent of sys.path and the working directory, which
+        # differ between `kelpie sim` and a sweep worker: the interpreter's own
+        # trees, and the trees Kelpie and the scenarios are installed from.
         self._allowed_read = tuple(
-            sorted(
-                {
-                    os.path.realpath(p)
-                    for p in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix)
-                    if p
-                }
-            )
+            sorted({os.path.realpath(p) for p in (*_install_roots(), *self._allowed_rw)})
         )
+        self._import_dirs = frozenset(os.path.realpath(p or os.curdir) for p in sys.path)
         self._findings: dict[tuple[str, str, str, str], Finding] = {}
         self._order: list[tuple[str, str, str, str]] = []
         self._saved: list[tuple[object, str, object]] = []
@@ -247,11 +276,28 @@ class Sanitizer:
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags & _WRITE_FLAGS
         )
-        if _under(real, self._allowed_rw):
+        if _under(real, self._allowed_rw) or _is_bytecode_cache(real):
             return
-        if not writing and _under(real, self._allowed_read):
+        if not writing and (real.endswith(_CODE_SUFFIXES) or _under(real, self._allowed_read)):
             return
         self._block("open", detail=f"{'write' if writing else 'read'} {real}")
+
+    def _check_fs_write(self, event: str, paths: list[Any]) -> None:
+        for path in paths:
+            if path is None or isinstance(path, int):
+                continue
+            real = os.path.realpath(os.fsdecode(path))
+            if not (_under(real, self._allowed_rw) or _is_bytecode_cache(real)):
+                self._block("filesystem", detail=f"{event} {real}")
+
+    def _check_listing(self, event: str, path: Any) -> None:
+        if isinstance(path, int):
+            return
+        real = os.path.realpath(os.fsdecode(path) if path is not None else os.curdir)
+        # The import system lists the directories on sys.path to find modules.
+        if real in self._import_dirs or _under(real, self._allowed_read):
+            return
+        self._block("filesystem", detail=f"{event} {real}")
 
     # -- patching ---------------------------------------------------------
 
@@ -287,7 +333,18 @@ class Sanitizer:
         self._patch(uuid, "uuid4", v("uuid.uuid4", entropy.uuid4))
         self._patch(uuid, "uuid1", v("uuid.uuid1", entropy.uuid4))
         self._patch(os, "urandom", v("os.urandom", entropy.randbytes))
-        self._patch(os, "getrandom", v("os.getrandom", lambda n, flags=0: entropy.randbytes(n)))
+        if hasattr(os, "getrandom"):
+            self._patch(os, "getrandom", v("os.getrandom", lambda n, flags=0: entropy.randbytes(n)))
+        self._patch_calendar_time()
+        seed_method = random.Random.seed
+
+        def seed(rnd: random.Random, a: Any = None, version: int = 2) -> None:
+            if a is None:  # an unseeded Random draws OS entropy in C: seed it from the run
+                self._note("random.Random()", "virtualized")
+                a = entropy.getrandbits(64)
+            seed_method(rnd, a, version)
+
+        self._patch(random.Random, "seed", seed)
         self._patch(random, "_urandom", v("random.SystemRandom", entropy.randbytes))
         sysrand = _SeededSystemRandom(entropy.getrandbits(64), self._note_from_random, "secrets")
         self._patch(secrets, "_sysrand", sysrand)
@@ -306,6 +363,46 @@ class Sanitizer:
         for owner, name in _trio_hooks.thread_starters():
             self._patch(owner, name, self._blocker("thread"))
 
+    def _patch_calendar_time(self) -> None:
+        """time's calendar functions default to "now": make that the virtual now."""
+        v, mono = self._virtual, self._monotonic_s
+
+        def wall_s() -> float:
+            return self._wall_ns() / 1e9
+
+        def defaulting(original: Callable[[float], Any]) -> Callable[..., Any]:
+            def call(secs: float | None = None) -> Any:
+                return original(wall_s() if secs is None else secs)
+
+            return call
+
+        for name in ("localtime", "gmtime", "ctime"):
+            self._patch(time, name, v(f"time.{name}", defaulting(getattr(time, name))))
+        strftime, asctime, localtime = time.strftime, time.asctime, time.localtime
+
+        def strftime_now(fmt: str, t: Any = None) -> str:
+            return strftime(fmt, localtime(wall_s()) if t is None else t)
+
+        def asctime_now(t: Any = None) -> str:
+            return asctime(localtime(wall_s()) if t is None else t)
+
+        def mono_ns() -> int:
+            return round(mono() * 1e9)
+
+        def clock_gettime_ns(clock_id: int) -> int:
+            return self._wall_ns() if clock_id == time.CLOCK_REALTIME else mono_ns()
+
+        def clock_gettime(clock_id: int) -> float:
+            return clock_gettime_ns(clock_id) / 1e9
+
+        self._patch(time, "strftime", v("time.strftime", strftime_now))
+        self._patch(time, "asctime", v("time.asctime", asctime_now))
+        for name in ("process_time", "thread_time"):
+            self._patch(time, name, v(f"time.{name}", mono))
+            self._patch(time, f"{name}_ns", v(f"time.{name}_ns", mono_ns))
+        self._patch(time, "clock_gettime_ns", v("time.clock_gettime_ns", clock_gettime_ns))
+        self._patch(time, "clock_gettime", v("time.clock_gettime", clock_gettime))
+
     def _note_from_random(self, api: str) -> None:
         self._note(api, "virtualized")
 
@@ -313,15 +410,43 @@ class Sanitizer:
         if _HookState.active is not None:
             raise RuntimeError("a sanitizer is already active in this process")
         _install_audit_hook()
-        self._install_patches()
+        try:
+            self._install_patches()
+        except BaseException:
+            self.restore()
+            raise
         _HookState.active = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        _HookState.active = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Undoes every patch and deactivates; safe to call again, or after a failed enter."""
+        if _HookState.active is self:
+            _HookState.active = None
         for owner, name, value in reversed(self._saved):
             setattr(owner, name, value)
         self._saved.clear()
+
+
+def _install_roots() -> list[str]:
+    """The interpreter's trees and the trees that `kelpie` and `scenarios` are imported from."""
+    import kelpie
+
+    roots = [sys.prefix, sys.base_prefix, sys.exec_prefix]
+    roots.append(os.path.dirname(os.path.dirname(os.path.abspath(kelpie.__file__))))
+    scenarios_file = getattr(sys.modules.get("scenarios"), "__file__", None)
+    if isinstance(scenarios_file, str):
+        roots.append(os.path.dirname(os.path.dirname(os.path.abspath(scenarios_file))))
+    return roots
+
+
+def _is_bytecode_cache(path: str) -> bool:
+    """Python's own bytecode cache: `__pycache__` itself and the files inside it."""
+    return os.path.basename(path) == "__pycache__" or (
+        os.path.basename(os.path.dirname(path)) == "__pycache__"
+    )
 
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:

@@ -27,15 +27,18 @@ workload; tasks that ignore the cancellation are then aborted outright.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import os
 import re
+import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TextIO
 
 import attrs
-import outcome
 import trio
 
 from kelpie.env import Env, Rng
@@ -58,6 +61,8 @@ from kelpie.sim._watchdog import RunTimedOut
 _TRIO_DIR = os.path.dirname(trio.__file__) + os.sep
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAIN_TASK_NAME = f"{__name__}._Run.main"
+#: trio's own tasks: hashed into the trace, but never shown, reported or aborted.
+_TRIO_SYSTEM_TASKS = frozenset({"<init>", "<TrioToken.run_sync_soon task>"})
 _STEP_LIMIT_GRACE = 10_000
 _DETAIL_LINES_MAX = 40
 
@@ -178,10 +183,10 @@ class _Tracer(trio.abc.Instrument):
             run.on_step_limit(task, self.steps)
         if self.steps % run.config.gc_every_steps == 0:
             gc.collect()
-        run.trace_task(task, self.labels[task], "step")
+        run.trace_task(task, self.labels.get(task, "#? <unknown>"), "step")
 
     def task_exited(self, task: trio.lowlevel.Task) -> None:
-        self._run.trace_task(task, self.labels.pop(task), "exit")
+        self._run.trace_task(task, self.labels.pop(task, "#? <unknown>"), "exit")
 
 
 class _Run:
@@ -192,7 +197,7 @@ class _Run:
         self.rng = Rng(config.seed)
         self.trace = Trace(tail_len=config.trace_tail_len, sink=trace_sink)
         self.vclock = VirtualClock(
-            limit_s=config.max_time_s, on_idle=self.on_idle, on_limit=self.on_time_limit
+            limit_s=config.max_time_s, on_deadlock=self.on_deadlock, on_limit=self.on_time_limit
         )
         self.controller = SchedulingController(self._choice_source())
         self.faults = SimFaults(self.rng.fork("faults"), config.faults, self._on_buggify)
@@ -256,15 +261,14 @@ class _Run:
 
     def trace_task(self, task: trio.lowlevel.Task, label: str, kind: str) -> None:
         node = task.context.get(CURRENT_NODE, "-")
-        # trio's own tasks ("<init>", "<TrioToken.run_sync_soon task>") are hashed,
-        # but kept out of the tail shown to people.
-        system = task.name.startswith("<")
-        self.trace.add(self.vclock.current_time(), node, label, kind, in_tail=not system)
+        # trio's own tasks are hashed, but kept out of the tail shown to people.
+        system = task.name in _TRIO_SYSTEM_TASKS
+        self.trace.add(self.vclock.now_s, node, label, kind, in_tail=not system)
 
     def emit(self, node: str, kind: str, fields: Any) -> None:
         # Memory addresses in a repr are never meaningful and differ between processes.
         detail = _ADDRESS.sub("", render_fields(dict(fields)))
-        self.trace.add(self.vclock.current_time(), node, self._current_label(), kind, detail)
+        self.trace.add(self.vclock.now_s, node, self._current_label(), kind, detail)
 
     def _on_buggify(self, site: str) -> None:
         self.emit(CURRENT_NODE.get(), "buggify", {"site": site})
@@ -290,18 +294,22 @@ class _Run:
             self._root.cancel()
 
     def _escalate(self) -> None:
-        """The run was stopped, yet tasks are still stuck: abort them, then give up."""
+        """The run was stopped, yet tasks are still stuck: abort them, then end the run.
+
+        First every blocked workload task is interrupted through trio's abort
+        protocol (shields do not stop it); if the run is stuck even so, the clock
+        is poisoned, which ends the trio run itself.
+        """
         self._escalations += 1
         if self._escalations > 1:
-            raise SimulationAborted("tasks survived cancellation and an abort")
+            self.vclock.poison(SimulationAborted("tasks survived cancellation and an abort"))
+            return
         aborted = SimulationAborted("the simulation was stopped")
-        root = _root_task()
-        for task in _walk_tasks(root, self.tracer.labels):
-            waits_for_children = any(n.child_tasks for n in task.child_nurseries)
-            if task is not root and not task.name.startswith("<") and not waits_for_children:
-                trio.lowlevel.reschedule(task, outcome.Error(aborted))
+        for task in _walk_tasks(_root_task(), self.tracer.labels):
+            if task.name not in _TRIO_SYSTEM_TASKS:
+                _trio_hooks.abort_blocked_task(task, aborted)
 
-    def on_idle(self) -> None:
+    def on_deadlock(self) -> None:
         if self._stopping:
             self._escalate()
             return
@@ -328,6 +336,9 @@ class _Run:
         )
 
     def on_step_limit(self, task: trio.lowlevel.Task, steps: int) -> None:
+        if steps > self.config.max_steps + 2 * _STEP_LIMIT_GRACE:
+            self.vclock.poison(SimulationAborted("tasks survived the step limit's abort"))
+            return
         if steps > self.config.max_steps + _STEP_LIMIT_GRACE:
             _trio_hooks.throw_at_next_step(task, SimulationAborted("step limit"))
             return
@@ -343,12 +354,16 @@ class _Run:
 
     async def main(self, workload: Callable[[SimContext], Awaitable[None]]) -> None:
         ctx = SimContext(self)
+        asyncgens = _AsyncGenOrder()
         with trio.CancelScope() as root:
             self._root = root
             self.vclock.armed = True
             try:
                 with self.sanitizer:
-                    await workload(ctx)
+                    try:
+                        await workload(ctx)
+                    finally:
+                        await asyncgens.close_remaining()
             finally:
                 self.vclock.armed = False
 
@@ -363,13 +378,20 @@ class _Run:
                 trio.run(
                     self.main,
                     workload,
-                    clock=self.vclock,
+                    clock=self.vclock.trio_clock,
                     instruments=[self.tracer],
                     strict_exception_groups=True,
                 )
+        except trio.TrioInternalError as exc:
+            # The run loop itself died (the last-resort stop): release its tasks.
+            _trio_hooks.discard_tasks(list(self.tracer.labels))
+            return exc
         except BaseException as exc:
             return exc
         finally:
+            # Normally undone when the workload ends; but a run that died inside
+            # trio itself never got there, and must not leave the process patched.
+            self.sanitizer.restore()
             gc.unfreeze()
             if gc_was_enabled:
                 gc.enable()
@@ -380,6 +402,13 @@ class _Run:
         blocked = self.sanitizer.blocked()
         if failure is None and error is not None:
             failure = _classify(error)
+        elif failure is not None and error is not None and not _only_aborts(error):
+            # Something went wrong while stopping, too: keep it in the report.
+            later = _classify(error)
+            failure = attrs.evolve(
+                failure,
+                details=(*failure.details, f"then, while stopping: {later.message}"),
+            )
         if (failure is None or failure.kind is FailureKind.CRASH) and blocked:
             failure = Failure(
                 FailureKind.SANITIZER,
@@ -393,7 +422,7 @@ class _Run:
             trace_hash=self.trace.hexdigest(),
             trace_rows=self.trace.rows,
             steps=self.tracer.steps,
-            sim_time_s=self.vclock.current_time(),
+            sim_time_s=self.vclock.now_s,
             schedule_batches=self.controller.batches,
             schedule_choices=len(self.controller.choices),
             schedule_deviations=self.controller.deviations,
@@ -429,6 +458,46 @@ class Simulation:
 
 
 # -- failure reports ----------------------------------------------------------
+
+
+class _AsyncGenOrder:
+    """Closes the workload's unfinished async generators in creation order.
+
+    trio closes async generators still alive at the end of a run by iterating a
+    set, i.e. in memory-address order, which differs between runs. This records
+    the order in which the workload's generators first ran (wrapping trio's own
+    `firstiter` hook) and closes the survivors in that order before the workload
+    phase ends, so trio finds nothing left to close.
+    """
+
+    def __init__(self) -> None:
+        self._order: weakref.WeakKeyDictionary[AsyncGenerator[Any, Any], int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._counter = itertools.count()
+        hooks = sys.get_asyncgen_hooks()
+        trio_firstiter = hooks.firstiter
+
+        def firstiter(agen: AsyncGenerator[Any, Any]) -> None:
+            self._order[agen] = next(self._counter)
+            if trio_firstiter is not None:
+                trio_firstiter(agen)
+
+        sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=hooks.finalizer)
+
+    async def close_remaining(self) -> None:
+        survivors = sorted(self._order.items(), key=lambda item: item[1])
+        with trio.CancelScope(shield=True):
+            for agen, _ in survivors:
+                if agen.ag_frame is None or agen.ag_running:  # type: ignore[attr-defined]
+                    continue
+                with contextlib.suppress(Exception):
+                    await agen.aclose()
+
+
+def _only_aborts(error: BaseException) -> bool:
+    """True when `error` holds nothing but the simulator's own stop signals."""
+    return all(isinstance(leaf, (SimulationAborted, trio.Cancelled)) for leaf in _leaves(error))
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -512,7 +581,7 @@ def _describe_blocked(labels: dict[trio.lowlevel.Task, str]) -> list[str]:
     """One line per waiting workload task: what it waits on, and where in its own code."""
     lines = []
     for task in _walk_tasks(_root_task(), labels):
-        if task.name.startswith("<") or task not in labels:
+        if task.name in _TRIO_SYSTEM_TASKS or task not in labels:
             continue
         user_site = "?"
         trio_frames: list[str] = []

@@ -75,19 +75,25 @@ def _broken(job: Job, kind: FailureKind, message: str, details: Sequence[str]) -
     )
 
 
-async def run_worker(job: Job, *, timeout_s: float, trace_out: Path | None = None) -> Outcome:
-    """Runs one job in a fresh worker process."""
-    command = [
-        sys.executable,
-        "-m",
-        "kelpie.sim.worker",
-        "--scenario",
-        job.scenario,
-        "--seed",
-        str(job.seed),
-        "--timeout",
-        str(timeout_s),
-    ]
+def _kelpie_command() -> list[str]:
+    """How users start `kelpie`: the console script beside this interpreter, if installed."""
+    script = Path(sys.executable).with_name("kelpie")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kelpie.cli"]
+
+
+async def run_worker(
+    job: Job, *, timeout_s: float, trace_out: Path | None = None, as_user: bool = False
+) -> Outcome:
+    """Runs one job in a new interpreter: the worker, or (`as_user`) the `kelpie sim` command.
+
+    `as_user` takes the very path of a printed reproduce command (console
+    script, its sys.path and imports), with `--json` for a machine-readable result.
+    """
+    if as_user:
+        command = [*_kelpie_command(), "sim", "--json"]
+    else:
+        command = [sys.executable, "-m", "kelpie.sim.worker"]
+    command += ["--scenario", job.scenario, "--seed", str(job.seed), "--timeout", str(timeout_s)]
     if trace_out is not None:
         command += ["--trace-out", str(trace_out)]
     started = trio.current_time()
@@ -126,6 +132,7 @@ class _ForkServer:
         self._proc: trio.Process | None = None
         self._buffer = b""
         self._stderr = stderr
+        self._stderr_start = 0
 
     async def _start(self) -> trio.Process:
         self._buffer = b""
@@ -149,7 +156,8 @@ class _ForkServer:
         return line
 
     def _stderr_tail(self) -> list[str]:
-        self._stderr.seek(0)
+        """What was written to stderr since the current job started."""
+        self._stderr.seek(self._stderr_start)
         lines = self._stderr.read().decode("utf-8", "replace").rstrip().splitlines()
         return lines[-_STDERR_TAIL_LINES:]
 
@@ -171,6 +179,7 @@ class _ForkServer:
             self._proc = await self._start()
         proc = self._proc
         assert proc.stdin is not None
+        self._stderr_start = os.fstat(self._stderr.fileno()).st_size
         request = {"scenario": job.scenario, "seed": job.seed, "tail": tail, "timeout_s": timeout_s}
         await proc.stdin.send_all(json.dumps(request).encode("utf-8") + b"\n")
         # The child's own watchdog reports a hang with its traceback; this is the backstop.
@@ -232,7 +241,9 @@ async def run_jobs(
     ) -> None:
         try:
             async for index, job in receive:
-                if budget_s is not None and trio.current_time() - started > budget_s:
+                # The budget stops new runs, but never before the first one.
+                spent = budget_s is not None and trio.current_time() - started > budget_s
+                if spent and results:
                     continue
                 job_started = trio.current_time()
                 result = await server.run(job, timeout_s=timeout_s)
@@ -278,12 +289,19 @@ def _rows_around(lines: list[str], index: int) -> tuple[TraceRow, ...]:
 
 
 async def check_determinism(job: Job, *, timeout_s: float) -> DeterminismReport:
-    """Runs `job` twice in fresh processes and compares the traces row by row."""
+    """Runs `job` twice in new interpreters and compares the traces row by row.
+
+    The first run is a sweep worker's, the second goes through `kelpie sim` as a
+    printed reproduce command does, so a difference between those two paths
+    (sys.path, imports, the console script) shows up here too.
+    """
     with tempfile.TemporaryDirectory(prefix="kelpie-det-") as tmp:
         paths = (Path(tmp) / "first.trace", Path(tmp) / "second.trace")
         outcomes = []
-        for path in paths:
-            outcomes.append(await run_worker(job, timeout_s=timeout_s, trace_out=path))
+        for path, as_user in zip(paths, (False, True), strict=True):
+            outcomes.append(
+                await run_worker(job, timeout_s=timeout_s, trace_out=path, as_user=as_user)
+            )
         first, second = (o.result for o in outcomes)
         if first.trace_hash and first.trace_hash == second.trace_hash:
             return DeterminismReport(job, first, second)

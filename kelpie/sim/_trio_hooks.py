@@ -14,16 +14,19 @@ tests/sim/test_trio_canary.py fails loudly if an upgrade moves any of it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import outcome
 import trio
 import trio._core._run as _trio_run
 import trio._threads as _trio_threads
 import trio.lowlevel
+import trio.testing
 
 TRIO_VERSION_TESTED = "0.35.0"
 
@@ -99,7 +102,65 @@ def check_hooks() -> list[str]:
         problems.append("trio._core._run._r is no longer a random.Random")
     if not hasattr(_trio_threads, "start_thread_soon"):
         problems.append("trio._threads.start_thread_soon is gone")
+    if not callable(getattr(trio.testing.MockClock, "_autojump", None)):
+        problems.append("trio.testing.MockClock._autojump is gone")
+    if not hasattr(_trio_run, "GLOBAL_RUN_CONTEXT"):
+        problems.append("trio._core._run.GLOBAL_RUN_CONTEXT is gone")
+    task_fields = {field.name for field in attrs.fields(trio.lowlevel.Task)}
+    for name in ("_abort_func", "_next_send", "coro"):
+        if name not in task_fields:
+            problems.append(f"trio.lowlevel.Task.{name} is gone")
+    if not callable(getattr(trio.lowlevel.Task, "_attempt_abort", None)):
+        problems.append("trio.lowlevel.Task._attempt_abort is gone")
     return problems
+
+
+def idle_jump_clock(
+    current_time: Callable[[], float], on_idle: Callable[[float], None]
+) -> trio.testing.MockClock:
+    """A trio clock that reads `current_time` and calls `on_idle(deadline)` when the run is idle.
+
+    trio's run loop consults a MockClock with `autojump_threshold=0` through
+    `_autojump` exactly when no task is runnable, no I/O event (including a
+    `run_sync_soon` wake-up) arrived in a zero-timeout poll, and no task waits in
+    `wait_all_tasks_blocked`: the only moment a simulated clock may move. MockClock
+    cannot be subclassed (trio marks it final), so this instance's `_autojump`,
+    `current_time` and `deadline_to_sleep_time` are replaced: time is whatever
+    `current_time` says (never derived from the real clock), and each idle moment
+    hands the earliest pending deadline (`math.inf` when there is none) to
+    `on_idle`, which moves time or reports the run stuck.
+    """
+    clock = trio.testing.MockClock(rate=0.0, autojump_threshold=0.0)
+
+    def deadline_to_sleep_time(deadline: float) -> float:
+        # Never sleep for real: with autojump_threshold=0 the run loop turns any
+        # positive answer into a zero-timeout poll followed by `_autojump`.
+        return 0.0 if deadline <= current_time() else 86400.0
+
+    def autojump() -> None:
+        on_idle(_trio_run.GLOBAL_RUN_CONTEXT.runner.deadlines.next_deadline())
+
+    clock.current_time = current_time  # type: ignore[method-assign]
+    clock.deadline_to_sleep_time = deadline_to_sleep_time  # type: ignore[method-assign]
+    clock._autojump = autojump  # type: ignore[method-assign]
+    return clock
+
+
+def abort_blocked_task(task: trio.lowlevel.Task, exc: BaseException) -> bool:
+    """Interrupts a blocked task with `exc`, through trio's own abort protocol.
+
+    The task's blocking primitive runs its abort function (so a Lock or channel
+    forgets the waiter, exactly as on cancellation), but unlike cancellation a
+    shield does not stop it. Returns False when the task is not blocked.
+    """
+    if task._abort_func is None:
+        return False
+
+    def raise_exc() -> None:
+        raise exc
+
+    task._attempt_abort(raise_exc)
+    return True
 
 
 def throw_at_next_step(task: trio.lowlevel.Task, exc: BaseException) -> None:
@@ -109,3 +170,18 @@ def throw_at_next_step(task: trio.lowlevel.Task, exc: BaseException) -> None:
     last resort); it must be called from `Instrument.before_task_step`.
     """
     task._next_send = outcome.Error(exc)
+
+
+def discard_tasks(tasks: list[trio.lowlevel.Task]) -> None:
+    """Closes the coroutines of tasks left behind by a trio run that died, quietly.
+
+    A run ended by the simulator's last-resort stop (a poisoned clock) leaves
+    tasks suspended; garbage-collecting them later would run trio's cleanup code
+    outside any run and print "Exception ignored" noise (or fail a test run that
+    treats such warnings as errors). Nothing of that run is used afterwards.
+    """
+    for task in tasks:
+        for nursery in task.child_nurseries:
+            nursery._children.clear()
+        with contextlib.suppress(BaseException):  # the run is dead; nothing to report
+            task.coro.close()

@@ -85,7 +85,12 @@ def serve() -> int:
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
+            # stdout carries the protocol: whatever the run prints goes to stderr.
+            os.dup2(2, 1)
             code = _child(job, write_fd)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
             os._exit(code)  # no atexit handlers, no flushing of the zygote's buffers
         os.close(write_fd)
         data = _read_all(read_fd)

@@ -14,9 +14,11 @@ KELPIE = str(Path(sys.executable).with_name("kelpie"))
 
 
 def kelpie(
-    *args: str, dst_seed: int | None = None, timeout: float = 300
+    *args: str, dst_seed: int | None = None, timeout: float = 300, pythonpath: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DST_SEED", "PYTHONHASHSEED")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     if dst_seed is not None:
         env["DST_SEED"] = str(dst_seed)
     return subprocess.run(
@@ -147,7 +149,7 @@ def test_printed_reproduce_command_repeats_the_failure_and_its_hash() -> None:
 
 
 def test_sweep_passes_and_honours_the_budget() -> None:
-    """A clean sweep exits 0; a zero budget starts nothing and says so."""
+    """A clean sweep exits 0; a spent budget stops new runs (after the first) and says so."""
     done = kelpie("sweep", "--seeds", "10", "--jobs", "2", "--scenario", "race_fixed")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all passed" in done.stdout
@@ -158,7 +160,7 @@ def test_sweep_passes_and_honours_the_budget() -> None:
 @pytest.mark.slow
 def test_sweep_of_1000_seeds_passes() -> None:
     """Acceptance: `kelpie sweep --seeds 1000` over the toy scenarios passes on this machine."""
-    done = kelpie("sweep", "--seeds", "1000", timeout=3000)
+    done = kelpie("sweep", "--seeds", "1000", "--jobs", "2", timeout=3000)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     print(done.stdout.split("sweep summary")[-1])
 
@@ -185,3 +187,32 @@ def test_sweep_finds_the_planted_race_within_200_seeds() -> None:
     assert seeds
     again = kelpie("sim", "--scenario", "race", dst_seed=int(seeds[0]))
     assert again.returncode == 1
+
+
+NOISY_SCENARIO = """
+import trio
+from kelpie.sim import Scenario, SimContext, Workload
+
+
+class Noisy(Workload):
+    async def run(self, ctx: SimContext) -> None:
+        for index in range(400):
+            print("a line of output that is not part of any protocol", index)
+            await trio.lowlevel.checkpoint()
+
+
+NOISY = Scenario(name="noisy", summary="prints a lot", workload=Noisy)
+"""
+
+
+def test_scenarios_from_other_modules_may_print(tmp_path: Path) -> None:
+    """`module:NAME` scenarios run in sim and sweep; their output never breaks a sweep."""
+    (tmp_path / "kelpie_noisy_probe.py").write_text(NOISY_SCENARIO)
+    spec = "kelpie_noisy_probe:NOISY"
+    single = kelpie("sim", "--scenario", spec, "--seed", "1", pythonpath=str(tmp_path))
+    assert single.returncode == 0, single.stdout + single.stderr
+    swept = kelpie("sweep", "--scenario", spec, "--seeds", "6", pythonpath=str(tmp_path))
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    assert "all passed" in swept.stdout
+    missing = kelpie("sim", "--scenario", "kelpie_no_such_module:X", "--seed", "1")
+    assert missing.returncode == 2 and "cannot load scenario" in missing.stderr

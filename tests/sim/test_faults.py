@@ -77,7 +77,7 @@ def test_buggify_firings_enter_the_trace() -> None:
 
 
 def make_clock(**faults: int | float) -> tuple[VirtualClock, NodeWallClock, list[int]]:
-    vclock = VirtualClock(limit_s=1e9, on_idle=lambda: None, on_limit=lambda d: None)
+    vclock = VirtualClock(limit_s=1e9, on_deadlock=lambda: None, on_limit=lambda d: None)
     jumps: list[int] = []
     clock = NodeWallClock(
         name="n1", vclock=vclock, rng=Rng(4), on_jump=lambda n, d: jumps.append(d), **faults
@@ -86,7 +86,7 @@ def make_clock(**faults: int | float) -> tuple[VirtualClock, NodeWallClock, list
 
 
 def advance(vclock: VirtualClock, seconds: float) -> None:
-    vclock.deadline_to_sleep_time(vclock.current_time() + seconds)
+    vclock.advance_to(vclock.current_time() + seconds)
 
 
 def test_wall_clock_skew_and_drift_change_what_code_reads() -> None:

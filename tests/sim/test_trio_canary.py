@@ -78,3 +78,13 @@ def test_thread_starters_exist() -> None:
     """The attributes the sanitizer patches to trap trio's worker threads exist."""
     for owner, name in _trio_hooks.thread_starters():
         assert callable(getattr(owner, name))
+
+
+def test_nursery_children_are_reachable() -> None:
+    """The last-resort cleanup of a dead run clears `Nursery._children`; it still exists."""
+
+    async def main() -> bool:
+        async with trio.open_nursery() as nursery:
+            return isinstance(nursery._children, set)
+
+    assert trio.run(main)
