@@ -169,6 +169,7 @@ def sim(
     from kelpie.sim import run_scenario
     from kelpie.sim._report import git_commit, print_result
     from kelpie.sim._watchdog import wall_timeout
+    from kelpie.sim.worker import protocol_stdout
 
     if seed is None:
         seed = _random_seed()
@@ -177,11 +178,14 @@ def sim(
     mode: Literal["random", "fifo"] = "fifo" if schedule == "fifo" else "random"
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(trace_out, "w", encoding="utf-8")) if trace_out else None
-        stack.enter_context(wall_timeout(timeout))
-        result = run_scenario(scenario, seed, schedule=mode, trace_sink=sink, trace_tail_len=tail)
-    if as_json:
-        sys.stdout.write(result.to_json() + "\n")
-        return
+        write_json = stack.enter_context(protocol_stdout()) if as_json else None
+        with wall_timeout(timeout):
+            result = run_scenario(
+                scenario, seed, schedule=mode, trace_sink=sink, trace_tail_len=tail, ref=names[0]
+            )
+        if write_json is not None:
+            write_json(result.to_json() + "\n")
+            return
     print_result(console, result, commit=git_commit(), show_trace=show_trace)
     if not result.ok:
         sys.exit(1)
@@ -232,13 +236,23 @@ def _check_determinism(
         )
         console.print(f"  faults    {escape(report.first.faults)}")
         console.print(f"  commit    {commit}")
-        if report.divergence is None:
-            for result in (report.first, report.second):
-                if result.failure is not None:
-                    console.print(f"  {escape(result.failure.message)}")
+        broken = False
+        for label, result in (
+            ("run 1 (sweep path)", report.first),
+            ("run 2 (kelpie sim)", report.second),
+        ):
+            if result.failure is not None and not result.trace_hash:
+                broken = True
+                console.print(f"  {label} produced no trace: {escape(result.failure.message)}")
+                for line in result.failure.details[-10:]:
+                    console.print(f"    {escape(line)}")
+        if report.divergence is None or broken:
             continue
         console.print(f"  first divergent trace row: #{report.divergence}")
-        for label, rows in (("run 1", report.rows_first), ("run 2", report.rows_second)):
+        for label, rows in (
+            ("run 1 (sweep path)", report.rows_first),
+            ("run 2 (kelpie sim)", report.rows_second),
+        ):
             console.print(f"  {label}:")
             for row in rows:
                 console.print(f"    {escape(row.line())}")

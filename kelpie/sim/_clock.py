@@ -28,6 +28,7 @@ from kelpie.sim._trio_hooks import idle_jump_clock
 
 #: 2026-01-01T00:00:00Z: every simulated node's wall clock starts near here.
 SIM_EPOCH_NS = 1_767_225_600 * 1_000_000_000
+_UNARMED_IDLE_MAX = 100
 
 
 class VirtualClock:
@@ -47,11 +48,15 @@ class VirtualClock:
         limit_s: float,
         on_deadlock: Callable[[], None],
         on_limit: Callable[[float], None],
+        on_stuck_unarmed: Callable[[], None] = lambda: None,
     ) -> None:
         self._now = 0.0
         self._limit_s = limit_s
         self._on_deadlock = on_deadlock
         self._on_limit = on_limit
+        self._on_stuck_unarmed = on_stuck_unarmed
+        #: Consecutive idle moments outside the workload with nothing to wait for.
+        self.unarmed_idle = 0
         self._poison: BaseException | None = None
         self.armed = False
         #: What to pass to `trio.run(clock=...)`.
@@ -78,9 +83,15 @@ class VirtualClock:
 
     def on_idle(self, deadline: float) -> None:
         if not self.armed:
-            # trio's own start-up and tear-down: move on, never judge.
+            # trio's own start-up and tear-down: move on. Idle again and again with
+            # nothing pending means something outside the workload (a system task)
+            # is stuck; trio would otherwise poll forever.
             if not math.isinf(deadline):
                 self.advance_to(deadline)
+            else:
+                self.unarmed_idle += 1
+                if self.unarmed_idle > _UNARMED_IDLE_MAX:
+                    self._on_stuck_unarmed()
         elif math.isinf(deadline):
             self._on_deadlock()
         elif deadline > self._limit_s:

@@ -82,11 +82,16 @@ def run_scenario(
     schedule: Schedule = "random",
     trace_sink: TextIO | None = None,
     trace_tail_len: int = 40,
+    ref: str | None = None,
 ) -> RunResult:
-    """Runs one scenario with one seed in this process."""
+    """Runs one scenario with one seed in this process.
+
+    `ref` is how the scenario was named (`ring`, or `package.module:NAME`); the
+    result, and so its reproduce command, carries it. Defaults to its name.
+    """
     workload = scenario.workload()
     sim = Simulation(
         scenario.config(seed, schedule=schedule, trace_tail_len=trace_tail_len),
         trace_sink=trace_sink,
     )
-    return sim.run(lambda ctx: _phases(workload, ctx), scenario=scenario.name)
+    return sim.run(lambda ctx: _phases(workload, ctx), scenario=ref or scenario.name)

@@ -179,6 +179,7 @@ class _Tracer(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.steps += 1
         run = self._run
+        run.vclock.unarmed_idle = 0
         if self.steps > run.config.max_steps:
             run.on_step_limit(task, self.steps)
         if self.steps % run.config.gc_every_steps == 0:
@@ -197,7 +198,10 @@ class _Run:
         self.rng = Rng(config.seed)
         self.trace = Trace(tail_len=config.trace_tail_len, sink=trace_sink)
         self.vclock = VirtualClock(
-            limit_s=config.max_time_s, on_deadlock=self.on_deadlock, on_limit=self.on_time_limit
+            limit_s=config.max_time_s,
+            on_deadlock=self.on_deadlock,
+            on_limit=self.on_time_limit,
+            on_stuck_unarmed=self.on_stuck_unarmed,
         )
         self.controller = SchedulingController(self._choice_source())
         self.faults = SimFaults(self.rng.fork("faults"), config.faults, self._on_buggify)
@@ -322,6 +326,17 @@ class _Run:
             )
         )
 
+    def on_stuck_unarmed(self) -> None:
+        """Idle with nothing pending outside the workload phases: end the run as a deadlock."""
+        if self.failure is None:
+            self.failure = Failure(
+                FailureKind.DEADLOCK,
+                f"deadlock at t={self.vclock.now_s:g}s outside the workload: a task it left "
+                "behind (a system task?) waits with no timeout pending",
+                tuple(_describe_blocked(self.tracer.labels)),
+            )
+        self.vclock.poison(SimulationAborted("stuck outside the workload"))
+
     def on_time_limit(self, deadline: float) -> None:
         if self._stopping:
             self._escalate()
@@ -382,6 +397,8 @@ class _Run:
                     instruments=[self.tracer],
                     strict_exception_groups=True,
                 )
+        except KeyboardInterrupt:
+            raise  # the person at the keyboard wants out, not a crash report
         except trio.TrioInternalError as exc:
             # The run loop itself died (the last-resort stop): release its tasks.
             _trio_hooks.discard_tasks(list(self.tracer.labels))
@@ -486,12 +503,14 @@ class _AsyncGenOrder:
         sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=hooks.finalizer)
 
     async def close_remaining(self) -> None:
+        """Closes survivors in creation order, each as trio would: shielded and cancelled."""
         survivors = sorted(self._order.items(), key=lambda item: item[1])
-        with trio.CancelScope(shield=True):
-            for agen, _ in survivors:
-                if agen.ag_frame is None or agen.ag_running:  # type: ignore[attr-defined]
-                    continue
-                with contextlib.suppress(Exception):
+        for agen, _ in survivors:
+            if agen.ag_frame is None or agen.ag_running:  # type: ignore[attr-defined]
+                continue
+            with trio.CancelScope(shield=True) as scope:
+                scope.cancel()  # like trio: a finally block may not block
+                with contextlib.suppress(Exception, SimulationAborted):
                     await agen.aclose()
 
 

@@ -30,6 +30,7 @@ from kelpie.sim._result import Failure, FailureKind, RunResult
 from kelpie.sim._trace import TraceRow, first_divergence
 
 _STDERR_TAIL_LINES = 20
+_STDERR_TAIL_BYTES = 64 * 1024
 #: Real seconds past a run's own watchdog before the harness kills its process.
 _BACKSTOP_S = 10.0
 
@@ -92,7 +93,7 @@ async def run_worker(
     if as_user:
         command = [*_kelpie_command(), "sim", "--json"]
     else:
-        command = [sys.executable, "-m", "kelpie.sim.worker"]
+        command = [sys.executable, "-P", "-m", "kelpie.sim.worker"]
     command += ["--scenario", job.scenario, "--seed", str(job.seed), "--timeout", str(timeout_s)]
     if trace_out is not None:
         command += ["--trace-out", str(trace_out)]
@@ -137,7 +138,8 @@ class _ForkServer:
     async def _start(self) -> trio.Process:
         self._buffer = b""
         return await trio.lowlevel.open_process(
-            [sys.executable, "-m", "kelpie.sim.worker", "--serve"],
+            # -P: the working directory stays off sys.path, as for the `kelpie` command.
+            [sys.executable, "-P", "-m", "kelpie.sim.worker", "--serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -156,8 +158,9 @@ class _ForkServer:
         return line
 
     def _stderr_tail(self) -> list[str]:
-        """What was written to stderr since the current job started."""
-        self._stderr.seek(self._stderr_start)
+        """The end of what was written to stderr since the current job started."""
+        size = os.fstat(self._stderr.fileno()).st_size
+        self._stderr.seek(max(self._stderr_start, size - _STDERR_TAIL_BYTES))
         lines = self._stderr.read().decode("utf-8", "replace").rstrip().splitlines()
         return lines[-_STDERR_TAIL_LINES:]
 
@@ -174,13 +177,23 @@ class _ForkServer:
         if proc.stdout is not None:
             await proc.stdout.aclose()
 
-    async def run(self, job: Job, *, timeout_s: float, tail: int = 40) -> RunResult:
+    async def run(
+        self, job: Job, *, timeout_s: float, tail: int = 40, trace_out: Path | None = None
+    ) -> RunResult:
         if self._proc is None:
             self._proc = await self._start()
         proc = self._proc
         assert proc.stdin is not None
-        self._stderr_start = os.fstat(self._stderr.fileno()).st_size
-        request = {"scenario": job.scenario, "seed": job.seed, "tail": tail, "timeout_s": timeout_s}
+        # Writers share an O_APPEND description, so emptying the file between jobs is safe.
+        self._stderr.truncate(0)
+        self._stderr_start = 0
+        request = {
+            "scenario": job.scenario,
+            "seed": job.seed,
+            "tail": tail,
+            "timeout_s": timeout_s,
+            "trace_out": None if trace_out is None else str(trace_out),
+        }
         await proc.stdin.send_all(json.dumps(request).encode("utf-8") + b"\n")
         # The child's own watchdog reports a hang with its traceback; this is the backstop.
         with trio.move_on_after(timeout_s + _BACKSTOP_S) as scope:
@@ -233,7 +246,7 @@ async def run_jobs(
     send.close()
 
     async def serve(receive: trio.MemoryReceiveChannel[tuple[int, Job]]) -> None:
-        with tempfile.TemporaryFile() as stderr:
+        with tempfile.TemporaryFile(mode="a+b") as stderr:
             await serve_with(receive, _ForkServer(stderr))
 
     async def serve_with(
@@ -291,18 +304,23 @@ def _rows_around(lines: list[str], index: int) -> tuple[TraceRow, ...]:
 async def check_determinism(job: Job, *, timeout_s: float) -> DeterminismReport:
     """Runs `job` twice in new interpreters and compares the traces row by row.
 
-    The first run is a sweep worker's, the second goes through `kelpie sim` as a
-    printed reproduce command does, so a difference between those two paths
-    (sys.path, imports, the console script) shows up here too.
+    The first run is forked from a fork server, as in a sweep; the second goes
+    through `kelpie sim` as a printed reproduce command does. So the check also
+    catches any difference between the path that finds a failure and the path
+    that reproduces it (sys.path, imports, module state).
     """
     with tempfile.TemporaryDirectory(prefix="kelpie-det-") as tmp:
         paths = (Path(tmp) / "first.trace", Path(tmp) / "second.trace")
-        outcomes = []
-        for path, as_user in zip(paths, (False, True), strict=True):
-            outcomes.append(
-                await run_worker(job, timeout_s=timeout_s, trace_out=path, as_user=as_user)
-            )
-        first, second = (o.result for o in outcomes)
+        with tempfile.TemporaryFile(mode="a+b") as stderr:
+            server = _ForkServer(stderr)
+            try:
+                first = await server.run(job, timeout_s=timeout_s, trace_out=paths[0])
+            finally:
+                with trio.CancelScope(shield=True):
+                    await server.stop()
+        second = (
+            await run_worker(job, timeout_s=timeout_s, trace_out=paths[1], as_user=True)
+        ).result
         if first.trace_hash and first.trace_hash == second.trace_hash:
             return DeterminismReport(job, first, second)
         lines = [p.read_text("utf-8").splitlines() if p.exists() else [] for p in paths]

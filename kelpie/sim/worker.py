@@ -6,7 +6,7 @@ uses it, so that each of its two runs starts from a brand-new interpreter.
 
 `python -m kelpie.sim.worker --serve` is a fork server ("zygote") for sweeps:
 it imports the simulator and every scenario once, then reads one job per line
-on stdin (`{"scenario", "seed", "tail", "timeout_s"}` as JSON), forks a child
+on stdin (`{"scenario", "seed", "tail", "timeout_s", "trace_out"}` as JSON), forks a child
 per job, and writes one line per job on stdout: `{"status": <wait status>, "result": <RunResult
 JSON or null>, "error": <traceback or null>}`. A forked child is a fresh process
 whose module state is the zygote's, which never runs a simulation itself, so
@@ -25,30 +25,58 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 
 
-def _run(
-    scenario_name: str, seed: int, *, trace_out: str | None, tail: int, timeout_s: float
+def run_job(
+    scenario_ref: str, seed: int, *, trace_out: str | None, tail: int, timeout_s: float
 ) -> str:
+    """One run of the scenario named `scenario_ref`, under the watchdog; its result as JSON."""
     import scenarios
     from kelpie.sim import run_scenario
     from kelpie.sim._watchdog import wall_timeout
 
-    scenario = scenarios.get(scenario_name)
+    scenario = scenarios.get(scenario_ref)
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(trace_out, "w", encoding="utf-8")) if trace_out else None
         stack.enter_context(wall_timeout(timeout_s))
-        result = run_scenario(scenario, seed, trace_sink=sink, trace_tail_len=tail)
+        result = run_scenario(
+            scenario, seed, trace_sink=sink, trace_tail_len=tail, ref=scenario_ref
+        )
     return result.to_json()
+
+
+@contextlib.contextmanager
+def protocol_stdout() -> Iterator[Callable[[str], None]]:
+    """Keeps stdout for the result alone: within the block, anything printed goes to stderr.
+
+    Yields a function that writes to the real stdout.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+
+        def write(text: str) -> None:
+            data = memoryview(text.encode("utf-8"))
+            while data:
+                data = data[os.write(saved, data) :]
+
+        yield write
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _child(job: dict[str, object], write_fd: int) -> int:
     """The body of a forked child: one run, its result on `write_fd`."""
     try:
-        result = _run(
+        trace_out = job.get("trace_out")
+        result = run_job(
             str(job["scenario"]),
             int(str(job["seed"])),
-            trace_out=None,
+            trace_out=None if trace_out is None else str(trace_out),
             tail=int(str(job["tail"])),
             timeout_s=float(str(job["timeout_s"])),
         )
@@ -116,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         return serve()
     if args.scenario is None or args.seed is None:
         parser.error("--scenario and --seed are required (or --serve)")
-    result = _run(
-        args.scenario,
-        args.seed,
-        trace_out=args.trace_out,
-        tail=args.tail,
-        timeout_s=args.timeout,
-    )
-    sys.stdout.write(result + "\n")
+    with protocol_stdout() as write:
+        write(
+            run_job(
+                args.scenario,
+                args.seed,
+                trace_out=args.trace_out,
+                tail=args.tail,
+                timeout_s=args.timeout,
+            )
+            + "\n"
+        )
     return 0
 
 

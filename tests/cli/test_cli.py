@@ -111,7 +111,7 @@ def test_check_determinism_passes_and_detects_divergence() -> None:
     assert leak.returncode == 1
     assert "DIVERGED leak seed 0" in leak.stdout
     assert re.search(r"first divergent trace row: #\d+", leak.stdout)
-    assert "run 1:" in leak.stdout and "run 2:" in leak.stdout
+    assert "run 1 (sweep path):" in leak.stdout and "run 2 (kelpie sim):" in leak.stdout
 
 
 def test_sweep_summarises_and_lists_failures_with_their_commands() -> None:
