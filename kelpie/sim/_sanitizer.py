@@ -32,8 +32,10 @@ time`) is not seen: a known gap, closed for Kelpie's own code by tests/repo/.
 from __future__ import annotations
 
 import _thread
+import calendar
 import os
 import random
+import re
 import secrets
 import sys
 import sysconfig
@@ -103,6 +105,14 @@ _BLOCKED_AUDIT_EVENTS = {
     "os.fork": "subprocess",
     "os.forkpty": "subprocess",
     "pty.spawn": "subprocess",
+    "os.kill": "signal",
+    "os.killpg": "signal",
+    "signal.pthread_kill": "signal",
+    "os.chdir": "process state",
+    "os.putenv": "process state",
+    "os.unsetenv": "process state",
+    "os.setxattr": "filesystem",
+    "os.removexattr": "filesystem",
 }
 
 #: Audit events that change the file system: (api, index of the path argument(s)).
@@ -127,6 +137,10 @@ _FS_LIST_EVENTS = frozenset({"os.listdir", "os.scandir"})
 #: Files any run may read wherever they are: Python source and bytecode (imports, tracebacks).
 _CODE_SUFFIXES = (".py", ".pyc")
 
+_PYC_NAME = re.compile(r"^[^/]+\.pyc(\.\d+)?$")
+#: 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
+_UUID_EPOCH_OFFSET = 0x01B21DD213814000
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -139,8 +153,8 @@ class _HookState:
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     sanitizer = _HookState.active
-    if sanitizer is None:
-        return
+    if sanitizer is None or threading.get_ident() != sanitizer._thread:
+        return  # no simulation, or another thread of the host process
     if event == "open":
         sanitizer._check_open(args)
         return
@@ -149,6 +163,9 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         return
     if event in _FS_LIST_EVENTS:
         sanitizer._check_listing(event, args[0])
+        return
+    if event == "sqlite3.connect":  # SQLite opens its files in C, unseen by "open"
+        sanitizer._check_sqlite(args[0])
         return
     api = _BLOCKED_AUDIT_EVENTS.get(event)
     if api is not None:
@@ -230,7 +247,8 @@ class Sanitizer:
         self._allowed_read = tuple(
             sorted({os.path.realpath(p) for p in (*_install_roots(), *self._allowed_rw)})
         )
-        self._import_dirs = frozenset(os.path.realpath(p or os.curdir) for p in sys.path)
+        self._import_dirs = tuple(sorted({os.path.realpath(p or os.curdir) for p in sys.path}))
+        self._thread = threading.get_ident()
         self._findings: dict[tuple[str, str, str, str], Finding] = {}
         self._order: list[tuple[str, str, str, str]] = []
         self._saved: list[tuple[object, str, object]] = []
@@ -290,19 +308,38 @@ class Sanitizer:
             if not (_under(real, self._allowed_rw) or _is_bytecode_cache(real)):
                 self._block("filesystem", detail=f"{event} {real}")
 
+    def _check_sqlite(self, database: Any) -> None:
+        name = os.fsdecode(database) if isinstance(database, (str, bytes, os.PathLike)) else ""
+        if name in {":memory:", ""} or name.startswith("file::memory:"):
+            return
+        real = os.path.realpath(name.removeprefix("file:").split("?", 1)[0])
+        if not _under(real, self._allowed_rw):
+            self._block("filesystem", detail=f"sqlite3.connect {real}")
+
     def _check_listing(self, event: str, path: Any) -> None:
         if isinstance(path, int):
             return
         real = os.path.realpath(os.fsdecode(path) if path is not None else os.curdir)
         # The import system lists the directories on sys.path to find modules.
-        if real in self._import_dirs or _under(real, self._allowed_read):
+        if _under(real, self._import_dirs) or _under(real, self._allowed_read):
             return
         self._block("filesystem", detail=f"{event} {real}")
 
     # -- patching ---------------------------------------------------------
 
     def _patch(self, owner: object, name: str, value: object) -> None:
-        self._saved.append((owner, name, getattr(owner, name)))
+        """Replaces `owner.name`; functions stay the originals for other threads of the host."""
+        original = getattr(owner, name)
+        self._saved.append((owner, name, original))
+        if callable(value) and callable(original) and not isinstance(value, random.Random):
+            sim_thread, replacement = self._thread, value
+
+            def scoped(*args: Any, **kwargs: Any) -> Any:
+                if threading.get_ident() != sim_thread:
+                    return original(*args, **kwargs)
+                return replacement(*args, **kwargs)
+
+            value = scoped
         setattr(owner, name, value)
 
     def _virtual(self, api: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -331,7 +368,7 @@ class Sanitizer:
         self._patch(time, "perf_counter_ns", v("time.perf_counter_ns", lambda: round(mono() * 1e9)))
         self._patch(time, "sleep", self._blocker("time.sleep"))
         self._patch(uuid, "uuid4", v("uuid.uuid4", entropy.uuid4))
-        self._patch(uuid, "uuid1", v("uuid.uuid1", entropy.uuid4))
+        self._patch(uuid, "uuid1", v("uuid.uuid1", self._uuid1(entropy)))
         self._patch(os, "urandom", v("os.urandom", entropy.randbytes))
         if hasattr(os, "getrandom"):
             self._patch(os, "getrandom", v("os.getrandom", lambda n, flags=0: entropy.randbytes(n)))
@@ -376,9 +413,17 @@ class Sanitizer:
 
             return call
 
-        for name in ("localtime", "gmtime", "ctime"):
-            self._patch(time, name, v(f"time.{name}", defaulting(getattr(time, name))))
-        strftime, asctime, localtime = time.strftime, time.asctime, time.localtime
+        # Simulated nodes live in UTC, whatever the host's time zone.
+        gmtime, strftime, asctime = time.gmtime, time.strftime, time.asctime
+        self._patch(time, "gmtime", v("time.gmtime", defaulting(gmtime)))
+        self._patch(time, "localtime", v("time.localtime", defaulting(gmtime)))
+        self._patch(time, "mktime", v("time.mktime", lambda t: float(calendar.timegm(t))))
+        localtime = gmtime
+
+        def ctime_now(secs: float | None = None) -> str:
+            return asctime(gmtime(wall_s() if secs is None else secs))
+
+        self._patch(time, "ctime", v("time.ctime", ctime_now))
 
         def strftime_now(fmt: str, t: Any = None) -> str:
             return strftime(fmt, localtime(wall_s()) if t is None else t)
@@ -402,6 +447,27 @@ class Sanitizer:
             self._patch(time, f"{name}_ns", v(f"time.{name}_ns", mono_ns))
         self._patch(time, "clock_gettime_ns", v("time.clock_gettime_ns", clock_gettime_ns))
         self._patch(time, "clock_gettime", v("time.clock_gettime", clock_gettime))
+
+    def _uuid1(self, entropy: Rng) -> Callable[..., uuid.UUID]:
+        """A version-1 UUID from the virtual wall clock and the run's entropy."""
+
+        def uuid1(node: int | None = None, clock_seq: int | None = None) -> uuid.UUID:
+            timestamp = self._wall_ns() // 100 + _UUID_EPOCH_OFFSET
+            if clock_seq is None:
+                clock_seq = entropy.getrandbits(14)
+            if node is None:
+                node = entropy.getrandbits(48) | (1 << 40)  # a random node has the multicast bit
+            fields = (
+                timestamp & 0xFFFFFFFF,
+                (timestamp >> 32) & 0xFFFF,
+                (timestamp >> 48) & 0x0FFF,
+                (clock_seq >> 8) & 0x3F,
+                clock_seq & 0xFF,
+                node,
+            )
+            return uuid.UUID(fields=fields, version=1)
+
+        return uuid1
 
     def _note_from_random(self, api: str) -> None:
         self._note(api, "virtualized")
@@ -443,9 +509,12 @@ def _install_roots() -> list[str]:
 
 
 def _is_bytecode_cache(path: str) -> bool:
-    """Python's own bytecode cache: `__pycache__` itself and the files inside it."""
-    return os.path.basename(path) == "__pycache__" or (
-        os.path.basename(os.path.dirname(path)) == "__pycache__"
+    """Python's own bytecode cache: `__pycache__` itself, and `.pyc` files (or their
+    temporary `.pyc.<n>` names) inside it."""
+    if os.path.basename(path) == "__pycache__":
+        return True
+    return os.path.basename(os.path.dirname(path)) == "__pycache__" and bool(
+        _PYC_NAME.match(os.path.basename(path))
     )
 
 

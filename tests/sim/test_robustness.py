@@ -248,3 +248,94 @@ def test_calendar_time_and_unseeded_randoms_are_virtual() -> None:
     assert "local='2026-01-01 00:00:03'" in a and "mono=3.0" in a
     apis = {f.api for f in first.findings}
     assert {"time.gmtime", "time.clock_gettime", "time.process_time", "random.Random()"} <= apis
+
+
+def test_process_state_and_sqlite_files_are_guarded(tmp_path: Path) -> None:
+    """chdir, environment changes, signals and SQLite files outside allowed paths are blocked."""
+    target = tmp_path / "real.db"
+
+    async def chdir(ctx: SimContext) -> None:
+        os.chdir(tmp_path)
+
+    async def setenv(ctx: SimContext) -> None:
+        os.environ["KELPIE_SIM_PROBE"] = "1"
+
+    async def kill(ctx: SimContext) -> None:
+        os.kill(os.getpid(), 0)
+
+    async def sqlite(ctx: SimContext) -> None:
+        import sqlite3
+
+        sqlite3.connect(target).close()
+
+    cwd = os.getcwd()
+    for workload in (chdir, setenv, kill, sqlite):
+        result = run(workload)
+        assert result.failure is not None, workload.__name__
+        assert result.failure.kind is FailureKind.SANITIZER, workload.__name__
+    assert os.getcwd() == cwd
+    assert "KELPIE_SIM_PROBE" not in os.environ
+    assert not target.exists()
+
+
+def test_only_bytecode_may_be_written_in_pycache(tmp_path: Path) -> None:
+    """`__pycache__` is writable for .pyc files only, not as a hiding place for state."""
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+
+    async def writes_state(ctx: SimContext) -> None:
+        (cache / "state.txt").write_text("leaked")
+
+    result = run(writes_state)
+    assert result.failure is not None and result.failure.kind is FailureKind.SANITIZER
+    assert not (cache / "state.txt").exists()
+
+
+def test_simulated_nodes_live_in_utc_and_uuid1_is_version_1() -> None:
+    """localtime equals gmtime inside a run, and uuid1 gives seeded version-1 UUIDs."""
+    import uuid
+
+    seen: list[Any] = []
+
+    async def workload(ctx: SimContext) -> None:
+        seen.extend([time.localtime(), time.gmtime(), uuid.uuid1(), uuid.uuid1(node=7)])
+
+    run(workload)
+    local, utc, first, second = seen
+    assert local == utc
+    assert first.version == 1 and second.version == 1 and second.node == 7
+    seen.clear()
+    run(workload)
+    assert seen[2] == first
+
+
+def test_other_threads_of_the_host_are_left_alone() -> None:
+    """A host thread running beside a simulation still gets the real clock and may sleep."""
+    import threading
+
+    readings: list[float] = []
+    started = threading.Event()
+    stop = threading.Event()
+
+    def host_thread() -> None:
+        started.set()
+        while not stop.is_set():
+            readings.append(time.time())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=host_thread)
+    thread.start()
+    started.wait()
+
+    async def workload(ctx: SimContext) -> None:
+        for _ in range(200):
+            await trio.lowlevel.checkpoint()
+            time.time()  # the simulation's own thread: virtual
+
+    try:
+        result = run(workload)
+    finally:
+        stop.set()
+        thread.join()
+    assert result.ok, result.failure
+    assert readings and all(abs(r - time.time()) < 60 for r in readings)
