@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -301,23 +301,20 @@ def _rows_around(lines: list[str], index: int) -> tuple[TraceRow, ...]:
     return tuple(TraceRow.from_line(line) for line in window)
 
 
-async def check_determinism(job: Job, *, timeout_s: float) -> DeterminismReport:
-    """Runs `job` twice in new interpreters and compares the traces row by row.
+async def check_determinism(
+    job: Job, *, timeout_s: float, server: _ForkServer | None = None
+) -> DeterminismReport:
+    """Runs `job` twice in fresh processes and compares the traces row by row.
 
     The first run is forked from a fork server, as in a sweep; the second goes
-    through `kelpie sim` as a printed reproduce command does. So the check also
-    catches any difference between the path that finds a failure and the path
-    that reproduces it (sys.path, imports, module state).
+    through a new `kelpie sim` process, as a printed reproduce command does. So
+    the check also catches any difference between the path that finds a failure
+    and the path that reproduces it (sys.path, imports, module state).
     """
     with tempfile.TemporaryDirectory(prefix="kelpie-det-") as tmp:
         paths = (Path(tmp) / "first.trace", Path(tmp) / "second.trace")
-        with tempfile.TemporaryFile(mode="a+b") as stderr:
-            server = _ForkServer(stderr)
-            try:
-                first = await server.run(job, timeout_s=timeout_s, trace_out=paths[0])
-            finally:
-                with trio.CancelScope(shield=True):
-                    await server.stop()
+        async with _fork_server(server) as forks:
+            first = await forks.run(job, timeout_s=timeout_s, trace_out=paths[0])
         second = (
             await run_worker(job, timeout_s=timeout_s, trace_out=paths[1], as_user=True)
         ).result
@@ -332,6 +329,21 @@ async def check_determinism(job: Job, *, timeout_s: float) -> DeterminismReport:
         )
 
 
+@contextlib.asynccontextmanager
+async def _fork_server(existing: _ForkServer | None) -> AsyncIterator[_ForkServer]:
+    """`existing`, or a fork server of its own that is stopped afterwards."""
+    if existing is not None:
+        yield existing
+        return
+    with tempfile.TemporaryFile(mode="a+b") as stderr:
+        server = _ForkServer(stderr)
+        try:
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.stop(kill=True)
+
+
 async def check_determinism_many(
     jobs: Sequence[Job],
     *,
@@ -339,19 +351,23 @@ async def check_determinism_many(
     timeout_s: float,
     on_report: Callable[[DeterminismReport], None] = lambda report: None,
 ) -> list[DeterminismReport]:
-    """`check_determinism` for each job, `parallel` jobs at a time (two processes each, in turn)."""
+    """`check_determinism` for each job on `parallel` slots, each with its own fork server."""
     reports: dict[int, DeterminismReport] = {}
-    limiter = trio.CapacityLimiter(parallel)
+    send, receive = trio.open_memory_channel[tuple[int, Job]](len(jobs))
+    for item in enumerate(jobs):
+        send.send_nowait(item)
+    send.close()
 
-    async def one(index: int, job: Job) -> None:
-        async with limiter:
-            report = await check_determinism(job, timeout_s=timeout_s)
-        reports[index] = report
-        on_report(report)
+    async def slot(receive: trio.MemoryReceiveChannel[tuple[int, Job]]) -> None:
+        async with _fork_server(None) as server:
+            async for index, job in receive:
+                report = await check_determinism(job, timeout_s=timeout_s, server=server)
+                reports[index] = report
+                on_report(report)
 
     async with trio.open_nursery() as nursery:
-        for index, job in enumerate(jobs):
-            nursery.start_soon(one, index, job)
+        for _ in range(parallel):
+            nursery.start_soon(slot, receive.clone())
     return [reports[i] for i in sorted(reports)]
 
 
