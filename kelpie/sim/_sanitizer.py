@@ -43,7 +43,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -520,8 +519,3 @@ def _is_bytecode_cache(path: str) -> bool:
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-
-
-def allowed_path(path: str | os.PathLike[str]) -> str:
-    """Normalises a path for `Sanitizer(allowed_paths=...)`."""
-    return str(Path(path).resolve())
