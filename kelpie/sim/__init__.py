@@ -26,6 +26,13 @@ from kelpie.sim._simulation import (
     Simulation,
     SimulationAborted,
 )
+from kelpie.sim._storage import (
+    RecordedRead,
+    RecordedTransaction,
+    SimStore,
+    SimTransaction,
+    StorageFaults,
+)
 from kelpie.sim._trace import Trace, TraceRow, first_divergence
 
 __all__ = [
@@ -40,6 +47,8 @@ __all__ = [
     "Finding",
     "NodeWallClock",
     "RandomChoices",
+    "RecordedRead",
+    "RecordedTransaction",
     "ReplayChoices",
     "RunResult",
     "Sanitizer",
@@ -50,9 +59,12 @@ __all__ = [
     "SimContext",
     "SimFaults",
     "SimNode",
+    "SimStore",
+    "SimTransaction",
     "Simulation",
     "SimulationAborted",
     "SiteRecord",
+    "StorageFaults",
     "Trace",
     "TraceRow",
     "VirtualClock",

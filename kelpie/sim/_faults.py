@@ -13,8 +13,10 @@ Fault model (what this module injects, and what it does not):
   in [-skew_max_ms, skew_max_ms], runs fast or slow by a drift drawn in
   [-drift_max_ppm, drift_max_ppm], and jumps forward or back (see
   kelpie/sim/_clock.py). Monotonic time is never faulted.
-- Not injected here: storage, network, crash, LLM, MCP and sandbox faults: each
-  arrives with its simulated component in a later issue and is listed in
+- Storage faults (`StorageFaults`, injected by the simulated store; its fault
+  model is the docstring of kelpie/sim/_storage.py).
+- Not injected here: network, crash, LLM, MCP and sandbox faults: each arrives
+  with its simulated component in a later issue and is listed in
   docs/SIMULATION.md when it does.
 """
 
@@ -25,6 +27,7 @@ from collections.abc import Callable
 import attrs
 
 from kelpie.env import Rng, check_site_name
+from kelpie.sim._storage import StorageFaults
 
 
 @attrs.frozen
@@ -53,6 +56,7 @@ class FaultConfig:
     buggify_enable_p: float = 0.25
     buggify_fire_p: float = 0.25
     clock: ClockFaults = attrs.Factory(ClockFaults)
+    storage: StorageFaults = attrs.Factory(StorageFaults)
 
     def describe(self) -> str:
         """One line naming every fault setting."""
@@ -61,7 +65,7 @@ class FaultConfig:
             if self.buggify
             else "buggify(off)"
         )
-        return f"{bug} clock({self.clock.describe()})"
+        return f"{bug} clock({self.clock.describe()}) storage({self.storage.describe()})"
 
 
 @attrs.define

@@ -55,6 +55,7 @@ from kelpie.sim._scheduler import (
     ReplayChoices,
     SchedulingController,
 )
+from kelpie.sim._storage import SimStore
 from kelpie.sim._trace import Trace, render_fields
 from kelpie.sim._watchdog import RunTimedOut
 
@@ -116,6 +117,11 @@ class SimContext:
     def env(self) -> Env:
         """The first node's Env, for single-node workloads."""
         return self.nodes[0].env
+
+    @property
+    def store(self) -> SimStore:
+        """The cluster's one simulated store, with this run's storage faults (made on first use)."""
+        return self._run.get_store()
 
     def node(self, name: str) -> SimNode:
         for node in self.nodes:
@@ -214,6 +220,7 @@ class _Run:
             allowed_paths=config.allowed_paths,
         )
         self.failure: Failure | None = None
+        self._store: SimStore | None = None
         self._root: trio.CancelScope | None = None
         self._stopping = False
         self._escalations = 0
@@ -273,6 +280,18 @@ class _Run:
         # Memory addresses in a repr are never meaningful and differ between processes.
         detail = _ADDRESS.sub("", render_fields(dict(fields)))
         self.trace.add(self.vclock.now_s, node, self._current_label(), kind, detail)
+
+    def get_store(self) -> SimStore:
+        if self._store is None:
+            self._store = SimStore(
+                self.rng.fork("storage"),
+                self.config.faults.storage,
+                on_fault=self._on_storage_fault,
+            )
+        return self._store
+
+    def _on_storage_fault(self, kind: str, fields: dict[str, object]) -> None:
+        self.emit(CURRENT_NODE.get(), "storage.fault", {"kind": kind, **fields})
 
     def _on_buggify(self, site: str) -> None:
         self.emit(CURRENT_NODE.get(), "buggify", {"site": site})

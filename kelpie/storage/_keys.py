@@ -8,12 +8,18 @@ FoundationDB client library.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import fdb.tuple as _tuple
 
 from kelpie.storage._errors import InvalidKey, InvalidRange, KeyTooLarge
 from kelpie.storage._limits import KEY_SIZE_MAX_BYTES
+
+# fdb vendors six 1.11, whose import hook for `fdb.six.moves` predates find_spec and
+# makes every later legacy import lookup warn (an ImportWarning). fdb itself never
+# imports through six.moves, so the hook is dropped.
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_SixMetaPathImporter"]
 
 #: The first key of the reserved system range; every user key sorts below it.
 SYSTEM_KEY_BEGIN = b"\xff"

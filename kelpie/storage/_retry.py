@@ -40,6 +40,7 @@ async def transact(
     *,
     rng: Rng,
     policy: RetryPolicy = RetryPolicy(),
+    on_retry: Callable[[StorageError, int], None] | None = None,
 ) -> T:
     """Runs `fn(tr)` in a new transaction and commits it, retrying retryable errors.
 
@@ -49,7 +50,8 @@ async def transact(
     that are not retryable, and the last error once `policy.attempts_max`
     attempts have failed, are raised (the latter with a note giving the count).
     The backoff is drawn from `rng` and slept with `trio.sleep`, so it takes
-    virtual time in simulation.
+    virtual time in simulation. `on_retry(error, attempt)`, if given, is called
+    before each retry with the error that failed attempt number `attempt`.
     """
     attempt = 1
     while True:
@@ -63,6 +65,8 @@ async def transact(
                 if attempt >= policy.attempts_max:
                     exc.add_note(f"gave up after {attempt} attempts")
                     raise
+                if on_retry is not None:
+                    on_retry(exc, attempt)
             else:
                 return result
         await trio.sleep(policy.backoff_ms(attempt, rng) / 1000)

@@ -12,6 +12,7 @@ from scenarios.cycle import CycleWorkload
 def test_registry_lists_every_scenario() -> None:
     """The registry finds every module's scenarios; sweeps skip the planted ones."""
     assert set(scenarios.all_scenarios()) == {
+        "bank",
         "cycle",
         "deadlock",
         "hang",
@@ -20,12 +21,12 @@ def test_registry_lists_every_scenario() -> None:
         "race_fixed",
         "ring",
     }
-    assert scenarios.default_names() == ["cycle", "race_fixed", "ring"]
-    with pytest.raises(KeyError, match="known: cycle"):
+    assert scenarios.default_names() == ["bank", "cycle", "race_fixed", "ring"]
+    with pytest.raises(KeyError, match="known: bank, cycle"):
         scenarios.get("nope")
 
 
-@pytest.mark.parametrize("name", ["cycle", "race_fixed", "ring"])
+@pytest.mark.parametrize("name", ["bank", "cycle", "race_fixed", "ring"])
 def test_default_scenarios_pass(name: str) -> None:
     """Each scenario without a planted bug passes 40 seeds in-process."""
     scenario = scenarios.get(name)
@@ -33,7 +34,7 @@ def test_default_scenarios_pass(name: str) -> None:
     assert not failures, failures[0].failure
 
 
-@pytest.mark.parametrize("name", ["cycle", "race_fixed", "ring", "race"])
+@pytest.mark.parametrize("name", ["bank", "cycle", "race_fixed", "ring", "race"])
 def test_seeds_give_distinct_interleavings(name: str) -> None:
     """Over 50 seeds, each scenario produces (almost) 50 distinct traces."""
     scenario = scenarios.get(name)
@@ -82,7 +83,7 @@ def test_deadlock_scenario_is_reported_as_a_deadlock() -> None:
 def test_cycle_catches_a_store_without_conflict_detection() -> None:
     """The cycle check fails on most seeds when the map skips read validation."""
     broken = Scenario(
-        name="cycle_broken", summary="", workload=lambda: CycleWorkload(validate=False)
+        name="cycle_broken", summary="", workload=lambda: CycleWorkload(check_conflicts=False)
     )
     results = [run_scenario(broken, s) for s in range(20)]
     failed = [r for r in results if not r.ok]

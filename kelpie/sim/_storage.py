@@ -1,0 +1,374 @@
+"""The simulated store: one correct copy of the data, wrapped with storage faults.
+
+Fault model (what `SimStore` injects, and what it never does):
+
+- One correct copy: the data live in a `MemoryStore`, the contract's reference
+  model, so conflicts, snapshots and versions are exactly FoundationDB's rule.
+  Every value is stored with a CRC-32 of its key and value.
+- Latency: each read and each commit takes a virtual delay drawn uniformly from
+  [0, latency_max_ms] (a commit's delay is split around its commit point).
+- Read failures: a read raises `StorageUnavailable` (retryable) with
+  probability read_error_p.
+- Write failures: a commit raises `StorageUnavailable` before its commit point
+  (nothing applied) with probability commit_error_p.
+- Injected conflicts: a commit raises a spurious `Conflict` (nothing applied)
+  with probability conflict_p.
+- commit_unknown_result: with probability unknown_applied_p the commit is
+  applied and the caller gets `CommitUnknownResult`; with unknown_lost_p it is
+  not applied and the caller gets the same error. Callers cannot tell which.
+- Unavailability windows: outages start at outage_rate_per_s (a Poisson process
+  in virtual time) and last up to outage_max_ms; during one every read and
+  commit raises `StorageUnavailable`.
+- Corruption: with probability corruption_p a read hands back the stored bytes
+  with one bit flipped; the checksum catches it and the read raises
+  `CorruptionDetected` (retryable). A corrupted value is never served.
+- Never injected: stale reads (strict serializability is the contract), lost or
+  partial commits (a commit is applied whole or not at all), or corruption of
+  the stored copy.
+- Crashes: a crashed node is a cancelled task: its in-memory state vanishes,
+  committed data survive, and a transaction it had not committed writes nothing.
+  Cancelled during `commit()`, the commit may have been applied, as with
+  commit_unknown_result.
+
+Every injected fault is a trace row (`storage.fault`) and is counted in
+`SimStore.injected`. The store also records the committed history (what each
+committed transaction read, at which version, and what it wrote), and
+`check_history()` verifies that it is serializable in commit-version order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from kelpie.env import Rng
+from kelpie.sim._nodes import CURRENT_NODE
+from kelpie.storage import (
+    BufferedTransaction,
+    CommitUnknownResult,
+    Conflict,
+    CorruptionDetected,
+    KeyRange,
+    KeyValue,
+    MemoryStore,
+    Mutations,
+    StorageUnavailable,
+    Store,
+    key_after,
+)
+
+_CRC = 4
+
+
+@attrs.frozen
+class StorageFaults:
+    """The storage faults a run injects (see the module docstring). All zero: none."""
+
+    latency_max_ms: float = 0.0
+    read_error_p: float = 0.0
+    commit_error_p: float = 0.0
+    conflict_p: float = 0.0
+    unknown_applied_p: float = 0.0
+    unknown_lost_p: float = 0.0
+    corruption_p: float = 0.0
+    outage_rate_per_s: float = 0.0
+    outage_max_ms: float = 0.0
+
+    @classmethod
+    def every(cls) -> StorageFaults:
+        """Every storage fault on, at rates a retrying workload still makes progress under."""
+        return cls(
+            latency_max_ms=5.0,
+            read_error_p=0.02,
+            commit_error_p=0.02,
+            conflict_p=0.02,
+            unknown_applied_p=0.02,
+            unknown_lost_p=0.02,
+            corruption_p=0.01,
+            outage_rate_per_s=0.5,
+            outage_max_ms=200.0,
+        )
+
+    def describe(self) -> str:
+        if self == StorageFaults():
+            return "off"
+        fields = attrs.asdict(self)
+        return " ".join(f"{name}={value:g}" for name, value in fields.items() if value)
+
+
+@attrs.frozen
+class RecordedRead:
+    """One read a committed transaction made: its range, limit, direction and what it saw."""
+
+    begin: bytes
+    end: bytes
+    limit: int
+    reverse: bool
+    rows: tuple[KeyValue, ...]
+
+
+@attrs.frozen
+class RecordedTransaction:
+    """A committed transaction: where it read, what it saw, and what it wrote."""
+
+    node: str
+    read_version: int
+    commit_version: int | None  # None: read-only, serialized at its read version
+    reads: tuple[RecordedRead, ...]
+    mutations: Mutations | None
+
+
+class SimStore(Store):
+    """The simulator's store (see the module docstring)."""
+
+    backend = "sim"
+    precise_conflicts = True
+
+    def __init__(
+        self,
+        rng: Rng,
+        faults: StorageFaults = StorageFaults(),
+        *,
+        on_fault: Callable[[str, dict[str, object]], None] | None = None,
+        check_conflicts: bool = True,
+    ) -> None:
+        """`check_conflicts=False` plants a bug (no conflict detection) for tests of checkers."""
+        self.inner = MemoryStore()
+        self.faults = faults
+        self.check_conflicts = check_conflicts
+        self.history: list[RecordedTransaction] = []
+        self.injected: dict[str, int] = {}
+        self._rng = rng
+        self._on_fault = on_fault
+        self._outage_until = -1.0
+        self._next_outage: float | None = None
+
+    def transaction(self) -> SimTransaction:
+        return SimTransaction(self)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def snapshot(self) -> dict[bytes, bytes]:
+        """Every current pair, checksums removed (for checkers)."""
+        items = self.inner.snapshot().items()
+        return {key: self._unseal(key, sealed, faulty=False) for key, sealed in items}
+
+    # -- faults -----------------------------------------------------------------------
+
+    def _inject(self, kind: str, **fields: object) -> None:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        if self._on_fault is not None:
+            self._on_fault(kind, fields)
+
+    async def _delay(self, share: float = 1.0) -> None:
+        if self.faults.latency_max_ms:
+            await trio.sleep(self._rng.uniform(0, self.faults.latency_max_ms) * share / 1000)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _check_outage(self) -> None:
+        rate = self.faults.outage_rate_per_s
+        if not rate:
+            return
+        now = trio.current_time()
+        if self._next_outage is None:
+            self._next_outage = now + self._rng.expovariate(rate)
+        while now >= self._next_outage:
+            duration_s = self._rng.uniform(0, self.faults.outage_max_ms) / 1000
+            self._outage_until = self._next_outage + duration_s
+            self._inject("outage", seconds=round(duration_s, 6))
+            self._next_outage = self._outage_until + self._rng.expovariate(rate)
+        if now < self._outage_until:
+            self.injected["outage_refusal"] = self.injected.get("outage_refusal", 0) + 1
+            raise StorageUnavailable("simulated outage: the store is unreachable")
+
+    async def _before_read(self) -> None:
+        await self._delay()
+        self._check_outage()
+        if self._rng.chance(self.faults.read_error_p):
+            self._inject("read_error")
+            raise StorageUnavailable("simulated read failure")
+
+    def _commit_fault(self) -> str | None:
+        f = self.faults
+        draw = self._rng.random()
+        for kind, p in (
+            ("commit_error", f.commit_error_p),
+            ("conflict", f.conflict_p),
+            ("unknown_applied", f.unknown_applied_p),
+            ("unknown_lost", f.unknown_lost_p),
+        ):
+            if draw < p:
+                return kind
+            draw -= p
+        return None
+
+    # -- checksums --------------------------------------------------------------------
+
+    @staticmethod
+    def _seal(key: bytes, value: bytes) -> bytes:
+        return value + zlib.crc32(value, zlib.crc32(key)).to_bytes(_CRC, "big")
+
+    def _unseal(self, key: bytes, sealed: bytes, *, faulty: bool = True) -> bytes:
+        if faulty and self.faults.corruption_p and self._rng.chance(self.faults.corruption_p):
+            bit = self._rng.randrange(len(sealed) * 8)
+            flipped = bytearray(sealed)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            sealed = bytes(flipped)
+            self._inject("corruption", bit=bit)
+        value, crc = sealed[:-_CRC], sealed[-_CRC:]
+        if zlib.crc32(value, zlib.crc32(key)).to_bytes(_CRC, "big") != crc:
+            raise CorruptionDetected(f"checksum mismatch reading {key[:40]!r}; not served")
+        return value
+
+    # -- history ----------------------------------------------------------------------
+
+    def check_history(self) -> str | None:
+        """Why the committed history is not serializable in version order, or None if it is.
+
+        Replays every committed transaction in commit-version order (a read-only
+        one at its read version) against a model map, and checks that each read
+        it made sees exactly what the model holds at that point, and that the
+        final model equals the store.
+        """
+        model = MemoryStore()
+        order = sorted(
+            self.history,
+            key=lambda t: (t.commit_version, 0) if t.commit_version else (t.read_version, 1),
+        )
+        for position, txn in enumerate(order):
+            for read in txn.reads:
+                expected = tuple(
+                    model.read_range(read.begin, read.end, model.version, read.limit, read.reverse)
+                )
+                if expected != read.rows:
+                    at = txn.commit_version or txn.read_version
+                    return (
+                        f"transaction #{position} (node {txn.node}, version {at}) read "
+                        f"{_show_rows(read.rows)} in {read.begin!r}..{read.end!r}, but in "
+                        f"commit order that range held {_show_rows(expected)}"
+                    )
+            if txn.mutations is not None:
+                model.apply(txn.mutations)
+        final = model.snapshot()
+        actual = self.snapshot()
+        if final != actual:
+            differing = sorted(k for k in set(final) | set(actual) if final.get(k) != actual.get(k))
+            return f"replaying the history does not give the store: keys {differing[:5]} differ"
+        return None
+
+
+def _show_rows(rows: tuple[KeyValue, ...]) -> str:
+    shown = ", ".join(f"{k!r}={v!r}" for k, v in rows[:4])
+    return f"[{shown}{', ...' if len(rows) > 4 else ''}]"
+
+
+class SimTransaction(BufferedTransaction):
+    """A transaction of a SimStore: the memory model's, with faults and a recorded history."""
+
+    def __init__(self, store: SimStore) -> None:
+        super().__init__()
+        self._sim = store
+        self._node = CURRENT_NODE.get()
+        self._read_at = store.inner.new_read_version()
+        self._reads: list[RecordedRead] = []
+        self._recording = True
+
+    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
+        self._recording = not snapshot
+        try:
+            return await super().get(key, snapshot=snapshot)
+        finally:
+            self._recording = True
+
+    async def get_range(
+        self,
+        begin: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        reverse: bool = False,
+        snapshot: bool = False,
+    ) -> list[KeyValue]:
+        self._recording = not snapshot
+        try:
+            return await super().get_range(
+                begin, end, limit=limit, reverse=reverse, snapshot=snapshot
+            )
+        finally:
+            self._recording = True
+
+    async def commit(self) -> None:
+        read_only = self.mutation_count == 0
+        await super().commit()
+        if read_only:
+            self._sim.history.append(
+                RecordedTransaction(self._node, self._read_at, None, tuple(self._reads), None)
+            )
+
+    async def _snapshot_get(self, key: bytes) -> bytes | None:
+        recording = self._recording
+        await self._sim._before_read()
+        sealed = self._sim.inner.read(key, self._read_at)
+        value = None if sealed is None else self._sim._unseal(key, sealed)
+        if recording:
+            rows = () if value is None else ((key, value),)
+            self._reads.append(RecordedRead(key, key_after(key), 0, False, rows))
+        return value
+
+    async def _snapshot_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        recording = self._recording
+        await self._sim._before_read()
+        sealed = self._sim.inner.read_range(begin, end, self._read_at, limit, reverse)
+        rows = [(key, self._sim._unseal(key, value)) for key, value in sealed]
+        if recording:
+            self._reads.append(RecordedRead(begin, end, limit, reverse, tuple(rows)))
+        return rows
+
+    async def _snapshot_version(self) -> int:
+        await self._sim._before_read()
+        return self._read_at
+
+    async def _commit_writes(self, mutations: Mutations, read_conflicts: list[KeyRange]) -> None:
+        sim = self._sim
+        await sim._delay(0.5)
+        sim._check_outage()
+        fault = sim._commit_fault()
+        if fault == "commit_error":
+            sim._inject(fault)
+            raise StorageUnavailable("simulated write failure: the commit was not applied")
+        if fault == "conflict":
+            sim._inject(fault)
+            raise Conflict("simulated conflict: the commit was not applied")
+        if fault == "unknown_lost":
+            sim._inject(fault)
+            raise CommitUnknownResult("simulated: the commit's outcome is unknown")
+        # The commit point: the check and the apply are one atomic step (no checkpoint).
+        if sim.check_conflicts:
+            stale = sim.inner.conflicting(self._read_at, read_conflicts)
+            if stale:
+                raise Conflict(f"{len(stale)} range(s) read changed, first {stale[0]!r}")
+        sealed = Mutations(
+            cleared=mutations.cleared,
+            sets=tuple(
+                (key, None if value is None else sim._seal(key, value))
+                for key, value in mutations.sets
+            ),
+        )
+        version = sim.inner.apply(sealed)
+        sim.history.append(
+            RecordedTransaction(self._node, self._read_at, version, tuple(self._reads), mutations)
+        )
+        if fault == "unknown_applied":
+            sim._inject(fault)
+            raise CommitUnknownResult("simulated: the commit's outcome is unknown")
+        await sim._delay(0.5)
+
+    async def _release(self) -> None:
+        pass

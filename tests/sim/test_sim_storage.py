@@ -1,0 +1,233 @@
+"""The simulated store: the conformance suite with faults off, and every fault with a consumer."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+
+import attrs
+import pytest
+import trio
+
+from kelpie.env import Rng
+from kelpie.sim import FaultConfig, Scenario, SimStore, StorageFaults, run_scenario
+from kelpie.storage import (
+    CommitUnknownResult,
+    Conflict,
+    CorruptionDetected,
+    StorageUnavailable,
+    Store,
+)
+from kelpie.storage.conformance import StoreConformance, StoreFactory
+from scenarios.bank import BankWorkload
+
+
+class TestSimStoreConformance(StoreConformance):
+    @pytest.fixture
+    def store_factory(self) -> StoreFactory:
+        async def make() -> Store:
+            return SimStore(Rng(7))
+
+        return make
+
+
+def _run(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _put(store: SimStore, key: bytes, value: bytes) -> None:
+    async with store.transaction() as tr:
+        tr.set(key, value)
+        await tr.commit()
+
+
+def test_read_errors_fail_reads() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(read_error_p=1.0))
+        await _put(store, b"k", b"v")
+        async with store.transaction() as tr:
+            with pytest.raises(StorageUnavailable, match="read failure"):
+                await tr.get(b"k")
+        assert store.injected["read_error"] == 1
+
+    _run(main)
+
+
+def test_commit_errors_apply_nothing() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(commit_error_p=1.0))
+        async with store.transaction() as tr:
+            tr.set(b"k", b"v")
+            with pytest.raises(StorageUnavailable, match="not applied"):
+                await tr.commit()
+        assert store.snapshot() == {}
+
+    _run(main)
+
+
+def test_injected_conflicts_apply_nothing() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(conflict_p=1.0))
+        async with store.transaction() as tr:
+            tr.set(b"k", b"v")
+            with pytest.raises(Conflict, match="simulated"):
+                await tr.commit()
+        assert store.snapshot() == {}
+
+    _run(main)
+
+
+@pytest.mark.parametrize(
+    ("field", "applied"), [("unknown_applied_p", True), ("unknown_lost_p", False)]
+)
+def test_unknown_results_may_or_may_not_apply(field: str, applied: bool) -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(**{field: 1.0}))
+        async with store.transaction() as tr:
+            tr.set(b"k", b"v")
+            with pytest.raises(CommitUnknownResult):
+                await tr.commit()
+        assert store.snapshot() == ({b"k": b"v"} if applied else {})
+
+    _run(main)
+
+
+def test_corruption_is_detected_and_never_served() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(corruption_p=1.0))
+        await _put(store, b"k", b"value")
+        for _ in range(20):
+            async with store.transaction() as tr:
+                with pytest.raises(CorruptionDetected, match="checksum"):
+                    await tr.get(b"k")
+        assert store.injected["corruption"] == 20
+        assert store.snapshot() == {b"k": b"value"}  # the stored copy is intact
+
+    _run(main)
+
+
+def test_latency_takes_virtual_time() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), StorageFaults(latency_max_ms=100.0))
+        start = trio.current_time()
+        for _ in range(10):
+            await _put(store, b"k", b"v")
+        assert trio.current_time() - start > 0.1
+
+    _run(main)
+
+
+def test_outages_refuse_service_for_a_while() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(3), StorageFaults(outage_rate_per_s=5.0, outage_max_ms=500.0))
+        outcomes = []
+        for _ in range(400):
+            try:
+                await _put(store, b"k", b"v")
+                outcomes.append(True)
+            except StorageUnavailable:
+                outcomes.append(False)
+            await trio.sleep(0.01)
+        assert store.injected["outage"] > 0
+        assert not all(outcomes)
+        assert any(outcomes)
+        # Refusals come in runs (windows), not as independent coin flips.
+        runs = sum(1 for a, b in itertools.pairwise(outcomes) if a and not b)
+        assert runs < outcomes.count(False)
+
+    _run(main)
+
+
+def test_history_checker_catches_a_store_without_conflict_detection() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1), check_conflicts=False)
+        await _put(store, b"n", b"0")
+        async with store.transaction() as t1, store.transaction() as t2:
+            assert await t1.get(b"n") == await t2.get(b"n") == b"0"
+            t1.set(b"n", b"1")
+            t2.set(b"n", b"1")
+            await t1.commit()
+            await t2.commit()  # a lost update: the planted bug lets it through
+        error = store.check_history()
+        assert error is not None
+        assert "read [b'n'=b'0']" in error
+        assert "held [b'n'=b'1']" in error
+
+    _run(main)
+
+
+def test_history_checker_passes_a_correct_store() -> None:
+    async def main() -> None:
+        store = SimStore(Rng(1))
+        await _put(store, b"n", b"0")
+        async with store.transaction() as t1, store.transaction() as t2:
+            await t1.get(b"n")
+            await t2.get(b"n")
+            t1.set(b"n", b"1")
+            t2.set(b"n", b"2")
+            await t1.commit()
+            with pytest.raises(Conflict):
+                await t2.commit()
+        assert store.check_history() is None
+
+    _run(main)
+
+
+#: Each storage fault, alone, and what shows it fired in a bank run.
+FAULTS = {
+    "latency_max_ms": (StorageFaults(latency_max_ms=20.0), None),
+    "read_error_p": (StorageFaults(read_error_p=0.1), "read_error"),
+    "commit_error_p": (StorageFaults(commit_error_p=0.1), "commit_error"),
+    "conflict_p": (StorageFaults(conflict_p=0.1), "conflict"),
+    "unknown_applied_p": (StorageFaults(unknown_applied_p=0.1), "unknown_applied"),
+    "unknown_lost_p": (StorageFaults(unknown_lost_p=0.1), "unknown_lost"),
+    "corruption_p": (StorageFaults(corruption_p=0.05), "corruption"),
+    # Outages are windows of virtual time: the operations must take some for one to hit.
+    "outage": (
+        StorageFaults(latency_max_ms=5.0, outage_rate_per_s=20.0, outage_max_ms=50.0),
+        "outage_refusal",
+    ),
+}
+
+#: What each run with a fault is compared with: the same faults but that one.
+BASELINES = {"outage": StorageFaults(latency_max_ms=5.0)}
+
+
+def test_every_declared_fault_is_exercised_here() -> None:
+    declared = {f.name for f in attrs.fields(StorageFaults)}
+    covered = {name for spec, _ in FAULTS.values() for name, v in attrs.asdict(spec).items() if v}
+    assert covered == declared
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_each_storage_fault_changes_a_bank_run(name: str) -> None:
+    faults, kind = FAULTS[name]
+    injected: dict[str, int] = {}
+
+    class Counting(BankWorkload):
+        async def check(self, ctx):  # type: ignore[no-untyped-def]
+            await super().check(ctx)
+            for k, v in self.store.injected.items():
+                injected[k] = injected.get(k, 0) + v
+
+    def scenario(f: StorageFaults) -> Scenario:
+        return Scenario(
+            name=f"bank-{name}",
+            summary="",
+            nodes=3,
+            faults=FaultConfig(storage=f),
+            workload=Counting,
+        )
+
+    changed = 0
+    for seed in range(4):
+        quiet = run_scenario(scenario(BASELINES.get(name, StorageFaults())), seed)
+        faulty = run_scenario(scenario(faults), seed)
+        assert quiet.ok, quiet.failure
+        assert faulty.ok, faulty.failure
+        changed += faulty.trace_hash != quiet.trace_hash
+        if kind is None:
+            assert faulty.sim_time_s > quiet.sim_time_s
+    assert changed >= 3
+    if kind is not None:
+        assert injected.get(kind, 0) > 0, injected
