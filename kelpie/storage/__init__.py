@@ -39,6 +39,7 @@ from kelpie.storage._limits import (
     VERSIONS_PER_SECOND,
 )
 from kelpie.storage._memory import MemoryStore, MemoryTransaction
+from kelpie.storage._open import open_store
 from kelpie.storage._retry import RetryPolicy, transact
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "clear_blob",
     "intersects",
     "key_after",
+    "open_store",
     "pack",
     "prefix_range",
     "read_blob",

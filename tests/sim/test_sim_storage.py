@@ -231,3 +231,25 @@ def test_each_storage_fault_changes_a_bank_run(name: str) -> None:
     assert changed >= 3
     if kind is not None:
         assert injected.get(kind, 0) > 0, injected
+
+
+@pytest.mark.parametrize(
+    ("planted", "symptom"),
+    [
+        ({"idempotent": False}, "applied twice or in part"),
+        ({"check_conflicts": False}, "not conserved"),
+    ],
+)
+def test_bank_catches_planted_bugs(planted: dict[str, bool], symptom: str) -> None:
+    """Transfers without markers (retried after unknown results and crashes) and a store without
+    conflict detection each fail the bank's checks on some of 30 seeds."""
+    broken = Scenario(
+        name="bank_broken",
+        summary="",
+        nodes=3,
+        faults=FaultConfig(storage=StorageFaults.every()),
+        workload=lambda: BankWorkload(**planted),
+    )
+    failures = [r.failure for r in (run_scenario(broken, s) for s in range(30)) if not r.ok]
+    assert len(failures) >= 5
+    assert any(f is not None and symptom in f.message for f in failures)
