@@ -41,6 +41,7 @@ from kelpie.storage._limits import (
 from kelpie.storage._memory import MemoryStore, MemoryTransaction
 from kelpie.storage._open import open_store
 from kelpie.storage._retry import RetryPolicy, transact
+from kelpie.storage._sqlite import SqliteError, SqliteStore, SqliteTransaction
 
 __all__ = [
     "BLOB_SIZE_MAX_BYTES",
@@ -64,6 +65,9 @@ __all__ = [
     "MemoryTransaction",
     "Mutations",
     "RetryPolicy",
+    "SqliteError",
+    "SqliteStore",
+    "SqliteTransaction",
     "StorageError",
     "StorageUnavailable",
     "Store",

@@ -74,6 +74,10 @@ class _State(enum.Enum):
 class BufferedTransaction(Transaction):
     """A transaction whose writes wait in memory until commit (see the module docstring)."""
 
+    #: Whether `_release` may wait (it then runs shielded from cancellation, so that a
+    #: cancelled transaction still gives its connection back). False skips the shield.
+    _release_may_wait = True
+
     def __init__(self) -> None:
         self._started_s = trio.current_time()
         self._sets: dict[bytes, bytes | None] = {}
@@ -231,6 +235,9 @@ class BufferedTransaction(Transaction):
         if self._released:
             return
         self._released = True
+        if not self._release_may_wait:
+            await self._release()
+            return
         with trio.CancelScope(shield=True):
             await self._release()
 

@@ -39,7 +39,7 @@ SCANNED = ("kelpie/*.py", "scenarios/*.py")
 #: Path pattern (`*` crosses `/`) -> why that code may touch the real world.
 ALLOWED = {
     "kelpie/env/*": "the environment itself: the one place that reads the real world",
-    "kelpie/storage/_sqlite.py": "real backend: sqlite3 blocks, so it runs on worker threads",
+    "kelpie/storage/_sqlite.py": "real backend: a file, the wall clock for versions, lock backoff",
     "kelpie/storage/_postgres.py": "real backend: psycopg runs under trio only through threads",
     "kelpie/storage/_fdb.py": "real backend: the FoundationDB client runs its own network thread",
     "kelpie/sim/_sanitizer.py": "patches these very functions to virtualize or block them",
@@ -52,9 +52,7 @@ ALLOWED = {
 }
 
 #: Allowlisted files that do not exist yet: the real storage backends of DESIGN.md §5.
-PLANNED = frozenset(
-    {"kelpie/storage/_sqlite.py", "kelpie/storage/_postgres.py", "kelpie/storage/_fdb.py"}
-)
+PLANNED = frozenset({"kelpie/storage/_postgres.py"})
 
 _CLOCK = "the real clock: use trio.current_time() or env.clock"
 _ENTROPY = "OS entropy: use env.rng"

@@ -1,0 +1,896 @@
+"""The sqlite backend: the embedded, durable default store (one file, WAL, synchronous=FULL).
+
+`await SqliteStore.open(path)` opens (or creates) one SQLite file. Several
+stores, in one process or in several processes on one machine, may share a
+file: together they behave as one store, with FoundationDB's conflict rule
+holding across all of them (`precise_conflicts`).
+
+The file
+    kv(key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID
+        The data. SQLite orders BLOBs bytewise (memcmp, then length), which is
+        the contract's key order.
+    commits(version INTEGER PRIMARY KEY, ranges BLOB)
+        The resolver log: each commit's write-conflict ranges
+        (`Mutations.write_ranges()`), packed into one row at its commit version.
+        Its newest row is the last commit, so `max(version)` is the store's
+        version (0 before the first commit); pruning always keeps that row.
+    meta: one row (horizon, pruned_to)
+        `pruned_to` is the version below which the log has been pruned, and
+        `horizon` the newest version pruned away (see Conflicts).
+    The file is marked with an application id and a format number
+    (`PRAGMA application_id`, `user_version`); opening any other SQLite file,
+    or a file of another format, is a `ConfigError`.
+
+Snapshots
+    A transaction reads from one SQLite read transaction on a pooled connection
+    (`BEGIN`, then a read of the last version, which fixes the WAL snapshot),
+    held until the transaction ends. The snapshot is taken when the transaction
+    is created, as in the memory backend, unless all `connections_max`
+    connections are in use or a WAL reset is pending (see The WAL): then the
+    transaction waits at its first operation and takes its snapshot there
+    (still inside its lifetime, so strict serializability holds).
+    The snapshot version S is the last version in that snapshot: exactly the
+    commits with a version at or below S are visible to it.
+
+Conflicts (FoundationDB's rule, precise)
+    Commit versions increase strictly with every commit, so the commits made
+    after a transaction's snapshot are exactly the log rows with version > S.
+    `commit()` first tries to upgrade the transaction's own read transaction to
+    a write transaction by appending its log row. SQLite allows that only if
+    nothing was committed since the snapshot, so no conflict is possible and
+    the writes go straight in. Otherwise (SQLITE_BUSY_SNAPSHOT, or another
+    connection holds the write lock) it rolls back, takes the write lock with
+    `BEGIN IMMEDIATE`, and checks every log row with version > S against the
+    transaction's read-conflict ranges: any overlap is a `Conflict`, and
+    nothing is written. Log rows older than the 5 s transaction window (plus a
+    margin) are pruned inside commits; a transaction whose snapshot is older
+    than the newest pruned row cannot be checked and gets `TransactionTooOld`
+    (retryable). A transaction that read nothing (or only its own writes)
+    depends on nothing stored and has nothing to check.
+    Each commit appends its log row, applies `mutations.cleared` (range
+    deletes), then `mutations.sets` (upserts; None deletes), and commits: all
+    or nothing. An error before SQLite's COMMIT rolls everything back; an error
+    during COMMIT (an fsync that failed) leaves the outcome unknown and raises
+    `CommitUnknownResult`.
+
+The store's clock (`read_version`)
+    Versions are microseconds of the machine's wall clock, which every process
+    sharing the file also reads. A transaction's read version is
+    R = max(S, wall clock when it is first asked for, the highest version this
+    store object has handed out). A commit's version is
+    max(last version + 1, wall clock now, the highest version this store object
+    has handed out + 1), computed by SQLite under the write lock. What holds,
+    and why:
+    - Visibility and conflicts never depend on the clock: visibility is the WAL
+      snapshot and conflicts compare against S, so a wall clock that steps back
+      cannot lose an update.
+    - Commit versions strictly increase (each is above the last), and track
+      wall time; if the clock steps back they still increase by one per commit.
+    - R >= S: a transaction's read version is at least the version of every
+      commit it sees.
+    - After a transaction that committed writes, every transaction that starts
+      later has R >= S >= that commit's version > that transaction's R. After
+      a read-only transaction, a later transaction's R is at least as large if
+      it runs in the same store object, or if the wall clock did not step back
+      between the two. That is the contract's "never below the read version of
+      a transaction that committed before this one started"; the one gap is a
+      wall clock stepping back between read-only transactions of different
+      store objects.
+    - In one store object every commit version is above every read version it
+      handed out before (as in the memory backend); across processes that
+      holds up to the resolution of the shared wall clock.
+
+The WAL
+    SQLite can restart its write-ahead log only at a moment when no read
+    transaction uses it, and every Kelpie transaction holds one from start to
+    commit, so under steady concurrent load the WAL would grow without bound
+    (measured: 150 MB in 3 s with 16 clients). So every few commits a store
+    looks at the WAL's size; past `wal_size_max_bytes` (16 MiB by default) it
+    stops handing out new snapshots until its open transactions end, then
+    checkpoints and truncates the WAL (`wal_checkpoint(TRUNCATE)`) and carries
+    on. New transactions wait for this at most 0.1 s (an open transaction may
+    belong to the very task that waits); if the reset did not happen by then,
+    or a reader in another process made SQLite decline it, it is tried again
+    1 s later.
+
+Blocking and speed
+    SQLite calls run inline on the trio thread, without worker threads: a read
+    or a write statement takes microseconds, and a hop to a worker thread
+    (~110 us) would cost more than most statements. A commit blocks the event
+    loop for its fsync (about 0.1-0.2 ms on an SSD, more on slow disks), and
+    about every 1,000 pages of WAL a commit also runs SQLite's passive
+    checkpoint (copying pages into the database file and an fsync, a few ms).
+    Lock waits never block: connections use busy_timeout=0, and when another
+    process holds the write lock, the commit sleeps on trio's clock with
+    jittered exponential backoff and tries again, raising `StorageUnavailable`
+    after BUSY_WAIT_MAX_MS. Each async operation checkpoints once, so
+    transactions of one process interleave; none yields while holding SQLite's
+    write lock.
+
+Errors
+    No sqlite3 exception leaves the store. Busy, I/O, full-disk and
+    out-of-memory errors raise `StorageUnavailable` (retryable); a corrupt file,
+    a read-only file and anything else SQLite reports raise `SqliteError` (not
+    retryable), with SQLite's message and error name. An unusable path at
+    `open()` is a `ConfigError`. After a failed read a transaction refuses
+    further use with the same error (its snapshot may be gone).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import random
+import sqlite3
+import struct
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from kelpie.core import ConfigError
+from kelpie.storage._api import KeyValue, Store
+from kelpie.storage._buffered import BufferedTransaction, KeyRange, Mutations
+from kelpie.storage._errors import (
+    CommitUnknownResult,
+    Conflict,
+    StorageError,
+    StorageUnavailable,
+    TransactionClosed,
+    TransactionTooOld,
+)
+from kelpie.storage._limits import TRANSACTION_DURATION_MAX_MS, VERSIONS_PER_SECOND
+
+T = TypeVar("T")
+
+#: How long an operation waits for another process's lock before StorageUnavailable.
+BUSY_WAIT_MAX_MS = 5_000
+
+#: Connections (so transactions holding a snapshot) per store object, by default.
+CONNECTIONS_MAX_DEFAULT = 16
+
+#: Marks a Kelpie store in the SQLite header ("KLPI"), and the layout of its tables.
+_APPLICATION_ID = 0x4B4C5049
+_FORMAT = 1
+
+#: The resolver log keeps commits this long past the transaction limit, in versions.
+_WINDOW_VERSIONS = (TRANSACTION_DURATION_MAX_MS + 1_000) * VERSIONS_PER_SECOND // 1_000
+#: A commit prunes the log once the part past the window spans this many versions.
+_PRUNE_STEP_VERSIONS = VERSIONS_PER_SECOND // 10
+
+#: Past this size, the WAL is known to have missed its resets (see "The WAL"), by default.
+WAL_SIZE_MAX_BYTES_DEFAULT = 16 * 1024 * 1024
+#: How long new transactions wait for a WAL reset at most; then it is tried again later.
+_WAL_DRAIN_WAIT_MAX_S = 0.1
+_WAL_DRAIN_RETRY_S = 1.0
+#: Commits between two looks at the WAL's size.
+_WAL_CHECK_COMMITS = 16
+
+#: Decoded resolver-log rows kept per store object.
+_LOG_CACHE_ROWS_MAX = 4_096
+
+_BACKOFF_INITIAL_S = 0.000_5
+_BACKOFF_MAX_S = 0.02
+
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_BUSY_SNAPSHOT = 517
+#: Primary result codes that mean "not now": the operation may succeed if retried.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        9,  # SQLITE_INTERRUPT
+        10,  # SQLITE_IOERR
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+        15,  # SQLITE_PROTOCOL
+    }
+)
+
+_SCHEMA = (
+    "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 0),"
+    " horizon INTEGER NOT NULL, pruned_to INTEGER NOT NULL)",
+    "CREATE TABLE commits (version INTEGER PRIMARY KEY, ranges BLOB NOT NULL)",
+    "INSERT INTO meta (id, horizon, pruned_to) VALUES (0, 0, 0)",
+    f"PRAGMA application_id = {_APPLICATION_ID}",
+    f"PRAGMA user_version = {_FORMAT}",
+)
+#: Per connection (connect(timeout=0) already sets busy_timeout to 0: lock waits are ours).
+_CONNECTION_PRAGMAS = ("PRAGMA synchronous = FULL",)
+_META = "SELECT horizon, pruned_to FROM meta WHERE id = 0"
+_VERSION = "SELECT coalesce(max(version), 0) FROM commits"
+#: Appends the commit's log row at max(last version + 1, ?) and returns that version.
+_LOG_APPEND = (
+    "INSERT INTO commits (version, ranges) SELECT max(coalesce(max(version), 0) + 1, ?), ?"
+    " FROM commits RETURNING version"
+)
+_GET = "SELECT value FROM kv WHERE key = ?"
+_RANGE = "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"
+_RANGE_REVERSE = "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT ?"
+_CLEAR_RANGE = "DELETE FROM kv WHERE key >= ? AND key < ?"
+_PUT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
+_DELETE = "DELETE FROM kv WHERE key = ?"
+_LOG_SINCE = "SELECT version, ranges FROM commits WHERE version > ? ORDER BY version"
+_LOG_NEWEST_BELOW = "SELECT max(version) FROM commits WHERE version <= ?"
+_LOG_PRUNE = "DELETE FROM commits WHERE version < ?"
+_SET_PRUNED = "UPDATE meta SET horizon = ?, pruned_to = ? WHERE id = 0"
+
+
+class SqliteError(StorageError):
+    """SQLite reported a failure that retrying will not fix (not retryable).
+
+    A corrupt file (SQLITE_CORRUPT, SQLITE_NOTADB), a file that became
+    read-only (SQLITE_READONLY), a constraint or misuse error. The message
+    carries SQLite's own message; `sqlite_errorname` its error name.
+    """
+
+    def __init__(self, message: str, sqlite_errorname: str) -> None:
+        super().__init__(message)
+        self.sqlite_errorname = sqlite_errorname
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1_000
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _translate(exc: sqlite3.Error, doing: str) -> StorageError:
+    """The typed error for a sqlite3 exception raised while `doing` something."""
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    message = f"SQLite failed while {doing}: {exc} ({name})"
+    if _primary_code(exc) in _UNAVAILABLE_CODES:
+        return StorageUnavailable(message)
+    return SqliteError(message, name)
+
+
+# -- the resolver log's rows -----------------------------------------------------------
+
+_LENGTH = struct.Struct(">I")
+_POINT = 0x8000_0000  # high bit of a begin length: the range is [key, key + b"\0")
+
+
+def encode_writes(mutations: Mutations) -> bytes:
+    """The write-conflict ranges of `mutations`, packed into one log row.
+
+    Each range is its begin's length (4 bytes, big-endian) and begin, then its
+    end's length and end; a point range [key, key + b"\\0") (a set or a clear
+    of one key) sets the length's high bit and omits the end.
+    """
+    parts: list[bytes] = []
+    pack = _LENGTH.pack
+    for begin, end in mutations.cleared:
+        parts += (pack(len(begin)), begin, pack(len(end)), end)
+    for key, _ in mutations.sets:
+        parts += (pack(len(key) | _POINT), key)
+    return b"".join(parts)
+
+
+def decode_writes(blob: bytes) -> list[KeyRange]:
+    """The ranges `encode_writes` packed into `blob`."""
+    out: list[KeyRange] = []
+    unpack = _LENGTH.unpack_from
+    i = 0
+    while i < len(blob):
+        (n,) = unpack(blob, i)
+        i += 4
+        if n & _POINT:
+            n &= ~_POINT
+            key = blob[i : i + n]
+            i += n
+            out.append((key, key + b"\x00"))
+        else:
+            begin = blob[i : i + n]
+            i += n
+            (m,) = unpack(blob, i)
+            i += 4
+            out.append((begin, blob[i : i + m]))
+            i += m
+    return out
+
+
+class _ReadSet:
+    """A transaction's read-conflict ranges, merged, for fast overlap tests."""
+
+    def __init__(self, ranges: list[KeyRange]) -> None:
+        merged: list[KeyRange] = []
+        for begin, end in sorted(ranges):
+            if merged and begin <= merged[-1][1]:
+                if end > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], end)
+            else:
+                merged.append((begin, end))
+        self._ranges = merged
+        self._ends = [end for _, end in merged]
+
+    def overlap(self, write: KeyRange) -> KeyRange | None:
+        """A read range that shares a key with `write`, or None."""
+        i = bisect.bisect_right(self._ends, write[0])
+        if i < len(self._ranges) and self._ranges[i][0] < write[1]:
+            return self._ranges[i]
+        return None
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class SqliteStore(Store):
+    """A store in one SQLite file (see the module docstring). Open it with `open()`."""
+
+    backend = "sqlite"
+    precise_conflicts = True
+
+    def __init__(self, path: str, connections_max: int, wal_size_max_bytes: int) -> None:
+        """Use `await SqliteStore.open(path)`; this constructor touches no file."""
+        self._path = path
+        self._idle: list[sqlite3.Connection] = []
+        self._connections_max = connections_max
+        self._slots = trio.Semaphore(connections_max)
+        self._in_use = 0  # connections handed to transactions
+        self._wal_path = path + "-wal"
+        self._wal_size_max_bytes = wal_size_max_bytes
+        self._wal_check_in = _WAL_CHECK_COMMITS  # commits until the next look at the WAL
+        self._wal_drain: trio.Event | None = None  # set while new snapshots wait for a reset
+        self._wal_drain_until_s = 0.0
+        self._wal_drain_next_s = 0.0  # no new drain before this (trio time)
+        #: WAL resets this store object carried out (for tests and benchmarks).
+        self.wal_resets = 0
+        self._closed = False
+        self._issued = 0  # the highest read or commit version this object handed out
+        self._pruned_to = 0  # the log was pruned to here, as far as this object knows
+        self._jitter = random.Random()
+        self._log_cache: dict[int, list[KeyRange]] = {}  # decoded log rows, oldest first
+        #: Commits made through this store object (for tests and benchmarks).
+        self.commits = 0
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        connections_max: int = CONNECTIONS_MAX_DEFAULT,
+        wal_size_max_bytes: int = WAL_SIZE_MAX_BYTES_DEFAULT,
+    ) -> SqliteStore:
+        """Opens the store in the file at `path`, creating the file and its tables if missing.
+
+        At most `connections_max` transactions hold a snapshot at once (more wait);
+        `wal_size_max_bytes` is the WAL size that triggers a reset (see "The WAL").
+        Raises ConfigError when `path` cannot hold a store (a directory, a missing
+        or unwritable directory, a file that is not a Kelpie store) or a setting is
+        out of range, and StorageUnavailable when another process kept the file
+        locked for BUSY_WAIT_MAX_MS while it was being set up.
+        """
+        if connections_max < 1:
+            raise ConfigError(f"connections_max must be at least 1, got {connections_max}")
+        if wal_size_max_bytes < 1:
+            raise ConfigError(f"wal_size_max_bytes must be positive, got {wal_size_max_bytes}")
+        name = _check_path(path)
+        store = cls(name, connections_max, wal_size_max_bytes)
+        try:
+            # Another process creating the file, or switching it to WAL, locks it briefly.
+            conn = await store._until_not_busy(store._connect, "connecting")
+        except sqlite3.Error as exc:
+            raise _config_error(name, exc) from exc
+        try:
+            await store._until_not_busy(lambda: _set_up_file(conn, name), "setting up the file")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _config_error(name, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        store._idle.append(conn)
+        return store
+
+    @property
+    def path(self) -> str:
+        """The file this store lives in."""
+        return self._path
+
+    def transaction(self) -> SqliteTransaction:
+        return SqliteTransaction(self)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # -- connections --------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        try:
+            for pragma in _CONNECTION_PRAGMAS:
+                conn.execute(pragma)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _take_now(self) -> sqlite3.Connection | None:
+        """A connection if one is free right now, else None (never waits)."""
+        if self._closed or self._wal_drain is not None:
+            return None
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        try:
+            conn = self._idle.pop() if self._idle else self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_use += 1
+        return conn
+
+    async def _take(self) -> sqlite3.Connection:
+        """A connection, waiting while all connections_max are in use.
+
+        Raises StorageUnavailable if none frees up within BUSY_WAIT_MAX_MS (transactions
+        are being left open somewhere), and TransactionClosed once the store is closed.
+        """
+        self._check_open()
+        deadline = trio.current_time() + BUSY_WAIT_MAX_MS / 1_000
+        while True:
+            await self._wait_for_wal_reset()
+            with trio.move_on_at(deadline) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise StorageUnavailable(
+                    f"all {self._connections_max} connections to {self._path} stayed in use "
+                    f"for {BUSY_WAIT_MAX_MS} ms; close finished transactions, or open the store "
+                    "with a larger connections_max"
+                )
+            if self._wal_drain is None:
+                break
+            self._slots.release()  # a WAL reset began while this waited: let it finish first
+        try:
+            self._check_open()
+            conn = self._idle.pop() if self._idle else self._connect()
+        except sqlite3.Error as exc:
+            self._slots.release()
+            raise _translate(exc, "opening a connection") from exc
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_use += 1
+        return conn
+
+    def _give_back(self, conn: sqlite3.Connection, healthy: bool) -> None:
+        self._in_use -= 1
+        if not healthy or self._closed:
+            conn.close()
+        else:
+            if self._wal_drain is not None and self._in_use == 0:
+                self._reset_wal(conn)
+            self._idle.append(conn)
+        self._slots.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransactionClosed(f"the store at {self._path} is closed; open it again")
+
+    # -- versions -----------------------------------------------------------------------
+
+    def _read_version(self, snapshot: int) -> int:
+        version = max(snapshot, _wall_us(), self._issued)
+        self._issued = version
+        return version
+
+    def _commit_floor(self) -> int:
+        """The lowest version the next commit may take: wall time, and above every one issued."""
+        return max(_wall_us(), self._issued + 1)
+
+    def _log_writes(self, version: int, blob: bytes) -> list[KeyRange]:
+        """The write ranges of the log row at `version`, decoded once per store object.
+
+        The commits of one busy store check the same recent rows over and over.
+        """
+        writes = self._log_cache.get(version)
+        if writes is None:
+            writes = decode_writes(blob)
+            if len(self._log_cache) >= _LOG_CACHE_ROWS_MAX:
+                del self._log_cache[next(iter(self._log_cache))]
+            self._log_cache[version] = writes
+        return writes
+
+    # -- keeping the WAL small ----------------------------------------------------------
+
+    def _after_commit(self, version: int) -> None:
+        self.commits += 1
+        self._issued = max(self._issued, version)
+        self._wal_check_in -= 1
+        if self._wal_check_in > 0 or self._wal_drain is not None:
+            return
+        self._wal_check_in = _WAL_CHECK_COMMITS
+        now = trio.current_time()
+        if now < self._wal_drain_next_s:
+            return
+        try:
+            size = os.stat(self._wal_path).st_size
+        except OSError:
+            return
+        if size > self._wal_size_max_bytes:
+            # Snapshots kept overlapping, so the WAL could not restart: stop handing out
+            # new ones until the open transactions end, then reset it (in _give_back).
+            self._wal_drain = trio.Event()
+            self._wal_drain_until_s = now + _WAL_DRAIN_WAIT_MAX_S
+
+    async def _wait_for_wal_reset(self) -> None:
+        drain = self._wal_drain
+        if drain is None:
+            return
+        with trio.move_on_at(self._wal_drain_until_s):
+            await drain.wait()
+        if self._wal_drain is drain:  # open transactions did not end in time: try later
+            self._end_wal_drain(retry=True)
+
+    def _reset_wal(self, conn: sqlite3.Connection) -> None:
+        """Checkpoints the whole WAL and truncates it (no transaction of ours is open).
+
+        Best effort: a reader in another process makes SQLite decline (busy), and the
+        next drain tries again.
+        """
+        done = False
+        with contextlib.suppress(sqlite3.Error):
+            (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            done = not busy
+        if done:
+            self.wal_resets += 1
+        self._end_wal_drain(retry=not done)
+
+    def _end_wal_drain(self, *, retry: bool) -> None:
+        drain, self._wal_drain = self._wal_drain, None
+        if retry:
+            self._wal_drain_next_s = trio.current_time() + _WAL_DRAIN_RETRY_S
+        if drain is not None:
+            drain.set()
+
+    # -- waiting for other processes ----------------------------------------------------
+
+    async def _until_not_busy(self, op: Callable[[], T], doing: str) -> T:
+        """`op()`, retried with backoff while SQLite answers busy, for up to BUSY_WAIT_MAX_MS.
+
+        Other sqlite3 errors propagate untranslated; the caller knows what they mean.
+        """
+        deadline = trio.current_time() + BUSY_WAIT_MAX_MS / 1_000
+        delay = _BACKOFF_INITIAL_S
+        while True:
+            try:
+                return op()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if trio.current_time() >= deadline:
+                    raise StorageUnavailable(
+                        f"the SQLite file {self._path} stayed locked by another connection "
+                        f"for {BUSY_WAIT_MAX_MS} ms while {doing}; retry later"
+                    ) from exc
+            await trio.sleep(delay * (0.5 + self._jitter.random()))
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+
+def _check_path(path: object) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigError(f"the SQLite store's path must be a str or a path, got {path!r}")
+    name = os.fspath(path)
+    if not isinstance(name, str) or name in ("", ":memory:"):
+        raise ConfigError(
+            f"the SQLite store needs a file path, got {name!r}; use MemoryStore for a store "
+            "that lives in memory"
+        )
+    if os.path.isdir(name):
+        raise ConfigError(f"the SQLite store's path {name} is a directory; name a file in it")
+    return name
+
+
+def _config_error(path: str, exc: sqlite3.Error) -> ConfigError:
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    return ConfigError(
+        f"cannot use {path} as a SQLite store: {exc} ({name}); the path must name a Kelpie "
+        "store file, or a new file in an existing, writable directory"
+    )
+
+
+def _set_up_file(conn: sqlite3.Connection, path: str) -> None:
+    """Switches the file to WAL and creates the tables if it is new (raises if it is foreign).
+
+    A file that is already a store is only read, so opening never waits for writers.
+    """
+    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise ConfigError(f"{path}: SQLite refused WAL mode (journal mode {mode!r})")
+    if _is_new_file(conn, path):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _is_new_file(conn, path):
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+
+def _is_new_file(conn: sqlite3.Connection, path: str) -> bool:
+    """Whether the file is empty; raises ConfigError if it holds something else than a store."""
+    (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    (file_format,) = conn.execute("PRAGMA user_version").fetchone()
+    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    if application_id == 0 and tables == 0:
+        return True
+    if application_id != _APPLICATION_ID:
+        raise ConfigError(f"{path} is a SQLite database, but not a Kelpie store")
+    if file_format != _FORMAT:
+        raise ConfigError(
+            f"{path} is a Kelpie store of format {file_format}; this version reads format {_FORMAT}"
+        )
+    return False
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+class SqliteTransaction(BufferedTransaction):
+    """A transaction of a SqliteStore: one SQLite read snapshot, then one write transaction."""
+
+    _release_may_wait = False  # _release never awaits: no cancel shield needed
+
+    def __init__(self, store: SqliteStore) -> None:
+        super().__init__()
+        self._store = store
+        self._conn: sqlite3.Connection | None = None
+        self._snapshot = -1  # the last commit version the snapshot sees; -1 until taken
+        self._reading = False  # whether the snapshot's read transaction is open
+        self._read_at = 0
+        self._commits_seen = store.commits
+        self._failed: StorageError | None = None
+        #: The version this transaction committed at, once it has.
+        self.committed_version: int | None = None
+        try:
+            self._conn = store._take_now()
+            if self._conn is not None:
+                self._begin(self._conn)
+        except sqlite3.Error:
+            pass  # taken again, with waiting and typed errors, at the first operation
+
+    # -- the snapshot -------------------------------------------------------------------
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        # A deferred transaction; its first read (of the last version) fixes the snapshot.
+        conn.execute("BEGIN")
+        try:
+            (self._snapshot,) = conn.execute(_VERSION).fetchone()
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._reading = True
+
+    async def _ready(self) -> sqlite3.Connection:
+        """The connection, with this transaction's read transaction open (one checkpoint)."""
+        await trio.lowlevel.checkpoint()
+        if self._failed is not None:
+            raise self._failed
+        if self._reading and self._conn is not None:
+            return self._conn
+        try:
+            if self._conn is None:
+                self._conn = await self._store._take()
+            conn = self._conn
+            await self._store._until_not_busy(lambda: self._begin(conn), "taking a snapshot")
+        except sqlite3.Error as exc:
+            self._failed = _translate(exc, "taking a snapshot")
+            raise self._failed from exc
+        except StorageError as exc:
+            self._failed = exc
+            raise
+        return conn
+
+    def _fail(self, exc: sqlite3.Error, doing: str) -> StorageError:
+        self._failed = _translate(exc, doing)
+        return self._failed
+
+    async def _snapshot_get(self, key: bytes) -> bytes | None:
+        conn = await self._ready()
+        try:
+            row = conn.execute(_GET, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "reading a key") from exc
+        if row is None:
+            return None
+        value: bytes = row[0]
+        return value
+
+    async def _snapshot_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        conn = await self._ready()
+        try:
+            return conn.execute(
+                _RANGE_REVERSE if reverse else _RANGE, (begin, end, limit or -1)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "reading a range") from exc
+
+    async def _snapshot_version(self) -> int:
+        await self._ready()
+        if not self._read_at:
+            self._read_at = self._store._read_version(self._snapshot)
+        return self._read_at
+
+    # -- the commit ---------------------------------------------------------------------
+
+    async def _commit_writes(self, mutations: Mutations, read_conflicts: list[KeyRange]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._failed is not None:
+            raise self._failed
+        writes = encode_writes(mutations)
+        store = self._store
+        conn = self._conn
+        if self._reading:
+            assert conn is not None
+            # A commit this store made meanwhile makes the fast path fail for sure.
+            if store.commits == self._commits_seen and self._commit_fast(conn, mutations, writes):
+                return
+            # Someone committed after the snapshot: check precisely under the write lock.
+            self._reading = False
+            _rollback(conn)
+        if conn is None:
+            conn = self._conn = await store._take()
+        locked = conn
+        try:
+            await store._until_not_busy(
+                lambda: locked.execute("BEGIN IMMEDIATE"), "waiting for the write lock"
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, "taking the write lock") from exc
+        # From here to COMMIT nothing awaits: the write lock is never held across a yield.
+        try:
+            if read_conflicts and self._snapshot >= 0:
+                self._check_conflicts(conn, read_conflicts)
+            version = self._append_log(conn, writes)
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise _translate(exc, "checking conflicts") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._apply(conn, version, mutations)
+
+    def _append_log(self, conn: sqlite3.Connection, writes: bytes) -> int:
+        """Appends this commit's log row (the first write) and returns its version."""
+        ((version,),) = conn.execute(_LOG_APPEND, (self._store._commit_floor(), writes)).fetchall()
+        return int(version)
+
+    def _commit_fast(self, conn: sqlite3.Connection, mutations: Mutations, writes: bytes) -> bool:
+        """Commits on the read snapshot if nobody committed since it; False if someone did.
+
+        SQLite upgrades a read transaction to a write transaction only when its
+        snapshot is the newest, so if the first write succeeds no conflict is possible.
+        """
+        try:
+            version = self._append_log(conn, writes)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == _SQLITE_BUSY_SNAPSHOT or _is_busy(exc):
+                return False
+            _rollback(conn)
+            raise _translate(exc, "starting the commit") from exc
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise _translate(exc, "starting the commit") from exc
+        self._apply(conn, version, mutations)
+        return True
+
+    def _check_conflicts(self, conn: sqlite3.Connection, read_conflicts: list[KeyRange]) -> None:
+        """Raises Conflict if a commit after this snapshot wrote into what it read."""
+        horizon, _ = conn.execute(_META).fetchone()
+        if self._snapshot < horizon:
+            raise TransactionTooOld(
+                f"this transaction's snapshot (version {self._snapshot}) is older than the "
+                f"resolver log kept in {self._store.path} (pruned up to {horizon}); retry it"
+            )
+        reads = _ReadSet(read_conflicts)
+        for version, blob in conn.execute(_LOG_SINCE, (self._snapshot,)).fetchall():
+            for write in self._store._log_writes(version, blob):
+                hit = reads.overlap(write)
+                if hit is not None:
+                    raise Conflict(
+                        f"a range this transaction read, {hit[0][:40]!r}..{hit[1][:40]!r}, "
+                        "was written by a commit made after it started; retry it"
+                    )
+
+    def _apply(self, conn: sqlite3.Connection, version: int, mutations: Mutations) -> None:
+        """Writes `mutations` after the log row, and commits (the write lock is held)."""
+        try:
+            _write(conn, mutations)
+            cut = version - _WINDOW_VERSIONS
+            if cut - self._store._pruned_to >= _PRUNE_STEP_VERSIONS:
+                _prune_log(conn, cut)
+                self._store._pruned_to = cut
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise _translate(exc, "writing") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            still_open = conn.in_transaction
+            _rollback(conn)
+            if still_open and _is_busy(exc):
+                raise _translate(exc, "committing") from exc
+            raise CommitUnknownResult(
+                f"SQLite failed during COMMIT, so the writes may or may not be durable: "
+                f"{exc} ({getattr(exc, 'sqlite_errorname', type(exc).__name__)})"
+            ) from exc
+        self.committed_version = version
+        self._store._after_commit(version)
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        self._reading = False
+        if conn is None:
+            return
+        healthy = True
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                healthy = False
+        self._store._give_back(conn, healthy)
+
+
+def _write(conn: sqlite3.Connection, mutations: Mutations) -> None:
+    """Applies the cleared ranges, then the sets (a None value deletes its key)."""
+    if mutations.cleared:
+        conn.executemany(_CLEAR_RANGE, mutations.cleared)
+    sets = mutations.sets
+    if len(sets) == 1:  # the common case, without executemany's overhead
+        key, value = sets[0]
+        if value is None:
+            conn.execute(_DELETE, (key,))
+        else:
+            conn.execute(_PUT, (key, value))
+    elif sets:
+        puts = [(key, value) for key, value in sets if value is not None]
+        if puts:
+            conn.executemany(_PUT, puts)
+        if len(puts) < len(sets):
+            conn.executemany(_DELETE, [(key,) for key, value in sets if value is None])
+
+
+def _prune_log(conn: sqlite3.Connection, cut: int) -> None:
+    """Deletes the log rows older than the newest one at or below version `cut`.
+
+    The newest row always stays, so the last commit version is never lost. The
+    horizon becomes the newest version deleted (at most one below the row kept):
+    a snapshot below it can no longer be checked.
+    """
+    (keep,) = conn.execute(_LOG_NEWEST_BELOW, (cut,)).fetchone()
+    horizon, _ = conn.execute(_META).fetchone()
+    if keep is not None:
+        conn.execute(_LOG_PRUNE, (keep,))
+        horizon = max(horizon, keep - 1)
+    conn.execute(_SET_PRUNED, (horizon, cut))
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Rolls back the open transaction, if any; a failure here leaves it to _release."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
