@@ -23,8 +23,9 @@ Transactions
             await tr.commit()
 
     Reads see one consistent snapshot of the store, taken when the
-    transaction starts, plus the transaction's own earlier writes
-    (read-your-writes). Writes (`set`, `clear`, `clear_range`) are buffered and
+    transaction starts (memory, sqlite and the simulated store) or, at the
+    latest, at its first read or `read_version()` (postgres, fdb), plus the
+    transaction's own earlier writes (read-your-writes). Writes (`set`, `clear`, `clear_range`) are buffered and
     applied atomically by `commit()`: all or nothing, never partly.
 
 Isolation: strict serializability by optimistic concurrency
