@@ -3,7 +3,7 @@
 #   make test       install, then the default (fast) test tier
 #   make test-slow  the slow tier (process-per-seed sweeps); CI runs it too
 #   make lint       ruff and mypy (strict)
-#   make bench      simulator throughput figures
+#   make bench      simulator throughput and storage read-modify-write figures
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -43,6 +43,8 @@ lint: install
 
 bench: install
 	$(PY) bench/sim_throughput.py
+	$(PY) bench/storage_sqlite.py
+	$(PY) bench/storage_postgres.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

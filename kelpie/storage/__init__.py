@@ -23,6 +23,7 @@ from kelpie.storage._errors import (
     TransactionTooOld,
     ValueTooLarge,
 )
+from kelpie.storage._fdb import FdbStore, FdbTransaction
 from kelpie.storage._keys import (
     key_after,
     pack,
@@ -40,6 +41,7 @@ from kelpie.storage._limits import (
 )
 from kelpie.storage._memory import MemoryStore, MemoryTransaction
 from kelpie.storage._open import open_store
+from kelpie.storage._postgres import PostgresStore, PostgresTransaction
 from kelpie.storage._retry import RetryPolicy, transact
 from kelpie.storage._sqlite import SqliteError, SqliteStore, SqliteTransaction
 
@@ -56,6 +58,8 @@ __all__ = [
     "CommitUnknownResult",
     "Conflict",
     "CorruptionDetected",
+    "FdbStore",
+    "FdbTransaction",
     "InvalidKey",
     "InvalidRange",
     "KeyRange",
@@ -64,6 +68,8 @@ __all__ = [
     "MemoryStore",
     "MemoryTransaction",
     "Mutations",
+    "PostgresStore",
+    "PostgresTransaction",
     "RetryPolicy",
     "SqliteError",
     "SqliteStore",

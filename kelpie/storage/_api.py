@@ -25,8 +25,9 @@ Transactions
     Reads see one consistent snapshot of the store, taken when the
     transaction starts (memory, sqlite and the simulated store) or, at the
     latest, at its first read or `read_version()` (postgres, fdb), plus the
-    transaction's own earlier writes (read-your-writes). Writes (`set`, `clear`, `clear_range`) are buffered and
-    applied atomically by `commit()`: all or nothing, never partly.
+    transaction's own earlier writes (read-your-writes). Writes (`set`,
+    `clear`, `clear_range`) are buffered and applied atomically by `commit()`:
+    all or nothing, never partly.
 
 Isolation: strict serializability by optimistic concurrency
     Every committed transaction appears to take effect at one instant between
