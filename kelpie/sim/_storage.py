@@ -183,7 +183,7 @@ class SimStore(Store):
             self._inject("outage", seconds=round(duration_s, 6))
             self._next_outage = self._outage_until + self._rng.expovariate(rate)
         if now < self._outage_until:
-            self.injected["outage_refusal"] = self.injected.get("outage_refusal", 0) + 1
+            self._inject("outage_refusal")
             raise StorageUnavailable("simulated outage: the store is unreachable")
 
     async def _before_read(self) -> None:
@@ -295,12 +295,35 @@ class SimTransaction(BufferedTransaction):
         snapshot: bool = False,
     ) -> list[KeyValue]:
         self._recording = not snapshot
+        first = len(self._reads)
         try:
-            return await super().get_range(
+            rows = await super().get_range(
                 begin, end, limit=limit, reverse=reverse, snapshot=snapshot
             )
+        except BaseException:
+            del self._reads[first:]  # this call added no conflict range: check none of it
+            raise
         finally:
             self._recording = True
+        if not snapshot and limit and len(rows) == limit:
+            # The read fetched more than it returned (a row for each of its own writes
+            # in the range), but it depends only on the part it scanned, which is also
+            # its conflict range: record just that part. Every stored row there was
+            # fetched, so the trimmed record is exact.
+            last = rows[-1][0]
+            low, high = (last, end) if reverse else (begin, key_after(last))
+            self._reads[first:] = [
+                RecordedRead(
+                    max(r.begin, low),
+                    min(r.end, high),
+                    0,
+                    r.reverse,
+                    tuple(kv for kv in r.rows if low <= kv[0] < high),
+                )
+                for r in self._reads[first:]
+                if max(r.begin, low) < min(r.end, high)
+            ]
+        return rows
 
     async def commit(self) -> None:
         read_only = self.mutation_count == 0

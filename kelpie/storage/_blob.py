@@ -44,6 +44,8 @@ def write_blob(tr: Transaction, prefix: bytes, data: bytes) -> None:
             "(one transaction holds at most 10 MB)"
         )
     count = (len(data) + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
+    if count:
+        check_key(_chunk_key(prefix, count - 1))  # the longest key, checked before any write
     digest = hashlib.sha256(data).digest()
     tr.clear_range(*prefix_range(prefix))
     tr.set(prefix + _HEADER_SUFFIX, _HEADER.pack(_MAGIC, len(data), count, digest))

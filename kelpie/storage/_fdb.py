@@ -91,6 +91,8 @@ def _translate(exc: Exception) -> StorageError:
         kind = _ERRORS.get(code)
         if kind is not None:
             return kind(f"FoundationDB error {code}: {exc}")
+        if fdb.predicates.is_maybe_committed(exc):
+            return CommitUnknownResult(f"FoundationDB error {code} (may have committed): {exc}")
         if fdb.predicates.is_retryable(exc):
             return StorageUnavailable(f"FoundationDB error {code} (retryable): {exc}")
         return StorageError(f"FoundationDB error {code}: {exc}")

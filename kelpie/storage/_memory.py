@@ -21,7 +21,7 @@ import trio
 
 from kelpie.storage._api import KeyValue, Store
 from kelpie.storage._buffered import BufferedTransaction, KeyRange, Mutations, intersects
-from kelpie.storage._errors import Conflict
+from kelpie.storage._errors import Conflict, TransactionTooOld
 from kelpie.storage._limits import TRANSACTION_DURATION_MAX_MS, VERSIONS_PER_SECOND
 
 #: History is kept this long past the transaction limit, in versions.
@@ -43,6 +43,7 @@ class MemoryStore(Store):
         self._issued = 0  # the highest read version handed out
         self._log: deque[tuple[int, list[KeyRange]]] = deque()  # commits: version, writes
         self._touched: deque[tuple[int, bytes]] = deque()  # (version, key), for pruning
+        self._oldest = 0  # history and log below this version may be pruned away
         self.commits = 0
 
     def transaction(self) -> MemoryTransaction:
@@ -69,8 +70,16 @@ class MemoryStore(Store):
 
     # -- reads at a version -----------------------------------------------------------
 
+    def _check_version(self, version: int) -> None:
+        if version < self._oldest:
+            raise TransactionTooOld(
+                f"version {version} is older than the history this store keeps "
+                f"(from {self._oldest}); retry the transaction"
+            )
+
     def read(self, key: bytes, version: int) -> bytes | None:
-        """The value of `key` as of `version`."""
+        """The value of `key` as of `version`; TransactionTooOld once that is pruned."""
+        self._check_version(version)
         history = self._history.get(key)
         if history is None:
             return None
@@ -81,6 +90,7 @@ class MemoryStore(Store):
         self, begin: bytes, end: bytes, version: int, limit: int, reverse: bool
     ) -> list[KeyValue]:
         """The pairs in [begin, end) as of `version`, in order, at most `limit` (0: all)."""
+        self._check_version(version)
         lo = bisect.bisect_left(self._keys, begin)
         hi = bisect.bisect_left(self._keys, end)
         indices = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
@@ -102,6 +112,7 @@ class MemoryStore(Store):
 
     def conflicting(self, read_version: int, read_conflicts: list[KeyRange]) -> list[KeyRange]:
         """The read ranges that a commit after `read_version` wrote into."""
+        self._check_version(read_version)
         hit: list[KeyRange] = []
         for version, writes in reversed(self._log):
             if version <= read_version:
@@ -139,6 +150,7 @@ class MemoryStore(Store):
 
     def _prune(self) -> None:
         horizon = self._version - _WINDOW_VERSIONS
+        self._oldest = max(self._oldest, horizon)
         while self._log and self._log[0][0] < horizon:
             self._log.popleft()
         while self._touched and self._touched[0][0] < horizon:

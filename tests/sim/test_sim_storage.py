@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +18,7 @@ from kelpie.storage import (
     CorruptionDetected,
     StorageUnavailable,
     Store,
+    TransactionTooOld,
 )
 from kelpie.storage.conformance import StoreConformance, StoreFactory
 from scenarios.bank import BankWorkload
@@ -253,3 +255,67 @@ def test_bank_catches_planted_bugs(planted: dict[str, bool], symptom: str) -> No
     failures = [r.failure for r in (run_scenario(broken, s) for s in range(30)) if not r.ok]
     assert len(failures) >= 5
     assert any(f is not None and symptom in f.message for f in failures)
+
+
+def test_history_records_only_what_a_limited_read_scanned() -> None:
+    """A limited range read over its own writes fetches extra rows; a change to one of
+    those (outside the part it returned) neither conflicts nor fails the history check."""
+
+    async def main() -> None:
+        store = SimStore(Rng(1))
+        for key in (b"a", b"c", b"d"):
+            await _put(store, key, b"0")
+        async with store.transaction() as t1:
+            t1.set(b"b", b"1")
+            assert await t1.get_range(b"a", b"z", limit=1) == [(b"a", b"0")]
+            await _put(store, b"c", b"1")
+            await t1.commit()
+        assert store.check_history() is None
+
+    _run(main)
+
+
+def test_a_failed_range_read_is_not_checked() -> None:
+    """A range read that failed half way added no conflict range, so it is not in the history."""
+
+    async def main() -> None:
+        store = SimStore(Rng(5), StorageFaults(read_error_p=0.5))
+        for key in (b"a", b"c", b"e"):
+            while True:
+                try:
+                    await _put(store, key, b"0")
+                    break
+                except StorageUnavailable:
+                    pass
+        for _ in range(40):
+            async with store.transaction() as tr:
+                tr.clear_range(b"b", b"d")  # two stored pieces: a, then e
+                with contextlib.suppress(StorageUnavailable):
+                    await tr.get_range(b"a", b"z")
+                tr.set(b"z", b"1")
+                with contextlib.suppress(StorageUnavailable):
+                    await tr.commit()
+        assert store.check_history() is None
+
+    _run(main)
+
+
+def test_the_memory_store_refuses_versions_it_has_pruned() -> None:
+    """A read or commit check at a version older than the kept history is TransactionTooOld,
+    never an answer from missing history (here: latency stretches a transaction past it)."""
+
+    async def main() -> None:
+        store = SimStore(Rng(2))
+        await _put(store, b"n", b"0")
+        old = store.transaction()
+        assert await old.get(b"n") == b"0"
+        # Commits 7 s later prune the history the old transaction's snapshot needs.
+        await trio.sleep(7)
+        await _put(store, b"n", b"1")
+        with pytest.raises(TransactionTooOld):
+            store.inner.read(b"n", old._read_at)
+        with pytest.raises(TransactionTooOld):
+            store.inner.conflicting(old._read_at, [(b"n", b"n\x00")])
+        await old.aclose()
+
+    _run(main)

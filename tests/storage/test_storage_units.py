@@ -594,3 +594,23 @@ def test_dependencies_are_plain_values() -> None:
     assert attrs.evolve(edge, kind="ww") == Dependency("t1", "t2", "ww", b"x")
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         edge.kind = "wr"  # type: ignore[misc]
+
+
+def test_a_blob_whose_chunk_keys_would_be_too_long_buffers_nothing() -> None:
+    """The header key fits but the chunk keys do not: KeyTooLarge before any write."""
+
+    async def main() -> None:
+        store = MemoryStore()
+        prefix = b"p" * 9_998
+        async with store.transaction() as tr:
+            write_blob(tr, prefix, b"")  # header only: fits
+            await tr.commit()
+        async with store.transaction() as tr:
+            with pytest.raises(KeyTooLarge):
+                write_blob(tr, prefix, b"x" * 10)
+            assert tr.mutation_count == 0
+            await tr.commit()
+        async with store.transaction() as tr:
+            assert await read_blob(tr, prefix) == b""
+
+    trio.run(main)
