@@ -27,7 +27,6 @@ from kelpie.sim._simulation import (
     SimulationAborted,
 )
 from kelpie.sim._storage import (
-    RecordedRead,
     RecordedTransaction,
     SimStore,
     SimTransaction,
@@ -47,7 +46,6 @@ __all__ = [
     "Finding",
     "NodeWallClock",
     "RandomChoices",
-    "RecordedRead",
     "RecordedTransaction",
     "ReplayChoices",
     "RunResult",

@@ -55,9 +55,9 @@ from kelpie.storage import (
     KeyValue,
     MemoryStore,
     Mutations,
+    SnapshotRead,
     StorageUnavailable,
     Store,
-    key_after,
 )
 
 _CRC = 4
@@ -100,24 +100,13 @@ class StorageFaults:
 
 
 @attrs.frozen
-class RecordedRead:
-    """One read a committed transaction made: its range, limit, direction and what it saw."""
-
-    begin: bytes
-    end: bytes
-    limit: int
-    reverse: bool
-    rows: tuple[KeyValue, ...]
-
-
-@attrs.frozen
 class RecordedTransaction:
     """A committed transaction: where it read, what it saw, and what it wrote."""
 
     node: str
     read_version: int
     commit_version: int | None  # None: read-only, serialized at its read version
-    reads: tuple[RecordedRead, ...]
+    reads: tuple[SnapshotRead, ...]
     mutations: Mutations | None
 
 
@@ -270,89 +259,35 @@ def _show_rows(rows: tuple[KeyValue, ...]) -> str:
 class SimTransaction(BufferedTransaction):
     """A transaction of a SimStore: the memory model's, with faults and a recorded history."""
 
+    _records_reads = True
+
     def __init__(self, store: SimStore) -> None:
         super().__init__()
         self._sim = store
         self._node = CURRENT_NODE.get()
         self._read_at = store.inner.new_read_version()
-        self._reads: list[RecordedRead] = []
-        self._recording = True
-
-    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
-        self._recording = not snapshot
-        try:
-            return await super().get(key, snapshot=snapshot)
-        finally:
-            self._recording = True
-
-    async def get_range(
-        self,
-        begin: bytes,
-        end: bytes,
-        *,
-        limit: int = 0,
-        reverse: bool = False,
-        snapshot: bool = False,
-    ) -> list[KeyValue]:
-        self._recording = not snapshot
-        first = len(self._reads)
-        try:
-            rows = await super().get_range(
-                begin, end, limit=limit, reverse=reverse, snapshot=snapshot
-            )
-        except BaseException:
-            del self._reads[first:]  # this call added no conflict range: check none of it
-            raise
-        finally:
-            self._recording = True
-        if not snapshot and limit and len(rows) == limit:
-            # The read fetched more than it returned (a row for each of its own writes
-            # in the range), but it depends only on the part it scanned, which is also
-            # its conflict range: record just that part. Every stored row there was
-            # fetched, so the trimmed record is exact.
-            last = rows[-1][0]
-            low, high = (last, end) if reverse else (begin, key_after(last))
-            self._reads[first:] = [
-                RecordedRead(
-                    max(r.begin, low),
-                    min(r.end, high),
-                    0,
-                    r.reverse,
-                    tuple(kv for kv in r.rows if low <= kv[0] < high),
-                )
-                for r in self._reads[first:]
-                if max(r.begin, low) < min(r.end, high)
-            ]
-        return rows
 
     async def commit(self) -> None:
         read_only = self.mutation_count == 0
         await super().commit()
         if read_only:
             self._sim.history.append(
-                RecordedTransaction(self._node, self._read_at, None, tuple(self._reads), None)
+                RecordedTransaction(
+                    self._node, self._read_at, None, tuple(self.snapshot_reads), None
+                )
             )
 
     async def _snapshot_get(self, key: bytes) -> bytes | None:
-        recording = self._recording
         await self._sim._before_read()
         sealed = self._sim.inner.read(key, self._read_at)
-        value = None if sealed is None else self._sim._unseal(key, sealed)
-        if recording:
-            rows = () if value is None else ((key, value),)
-            self._reads.append(RecordedRead(key, key_after(key), 0, False, rows))
-        return value
+        return None if sealed is None else self._sim._unseal(key, sealed)
 
     async def _snapshot_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[KeyValue]:
-        recording = self._recording
         await self._sim._before_read()
         sealed = self._sim.inner.read_range(begin, end, self._read_at, limit, reverse)
-        rows = [(key, self._sim._unseal(key, value)) for key, value in sealed]
-        if recording:
-            self._reads.append(RecordedRead(begin, end, limit, reverse, tuple(rows)))
-        return rows
+        return [(key, self._sim._unseal(key, value)) for key, value in sealed]
 
     async def _snapshot_version(self) -> int:
         await self._sim._before_read()
@@ -386,7 +321,9 @@ class SimTransaction(BufferedTransaction):
         )
         version = sim.inner.apply(sealed)
         sim.history.append(
-            RecordedTransaction(self._node, self._read_at, version, tuple(self._reads), mutations)
+            RecordedTransaction(
+                self._node, self._read_at, version, tuple(self.snapshot_reads), mutations
+            )
         )
         if fault == "unknown_applied":
             sim._inject(fault)

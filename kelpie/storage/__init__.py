@@ -6,7 +6,13 @@ The contract is the docstring of kelpie.storage._api (also in docs/STORAGE.md);
 
 from kelpie.storage._api import KeyValue, Store, Transaction
 from kelpie.storage._blob import BLOB_SIZE_MAX_BYTES, clear_blob, read_blob, write_blob
-from kelpie.storage._buffered import BufferedTransaction, KeyRange, Mutations, intersects
+from kelpie.storage._buffered import (
+    BufferedTransaction,
+    KeyRange,
+    Mutations,
+    SnapshotRead,
+    intersects,
+)
 from kelpie.storage._errors import (
     BlobCorrupt,
     BlobTooLarge,
@@ -71,6 +77,7 @@ __all__ = [
     "PostgresStore",
     "PostgresTransaction",
     "RetryPolicy",
+    "SnapshotRead",
     "SqliteError",
     "SqliteStore",
     "SqliteTransaction",

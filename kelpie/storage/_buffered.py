@@ -58,6 +58,21 @@ class Mutations:
         return ranges
 
 
+@attrs.frozen
+class SnapshotRead:
+    """One read a transaction made of the store (not of its own writes) that guards its commit.
+
+    `rows` is what the store returned for [begin, end) with `limit` (0: all) in
+    the given direction; a point read is [key, key + b"\\0") with at most one row.
+    """
+
+    begin: bytes
+    end: bytes
+    limit: int
+    reverse: bool
+    rows: tuple[KeyValue, ...]
+
+
 def intersects(a: KeyRange, b: KeyRange) -> bool:
     """Whether two half-open ranges share a key."""
     return a[0] < b[1] and b[0] < a[1]
@@ -74,6 +89,9 @@ class _State(enum.Enum):
 class BufferedTransaction(Transaction):
     """A transaction whose writes wait in memory until commit (see the module docstring)."""
 
+    #: Whether to keep `snapshot_reads` (for backends that validate reads at commit).
+    _records_reads = False
+
     #: Whether `_release` may wait (it then runs shielded from cancellation, so that a
     #: cancelled transaction still gives its connection back). False skips the shield.
     _release_may_wait = True
@@ -89,6 +107,9 @@ class BufferedTransaction(Transaction):
         self._poison: StorageError | None = None
         self._released = False
         self._version: int | None = None
+        #: Every read of the store that guards this transaction's commit, when recorded
+        #: (`_records_reads`): exactly the part each read depends on, its conflict range.
+        self.snapshot_reads: list[SnapshotRead] = []
 
     # -- what a backend supplies ------------------------------------------------------
 
@@ -126,7 +147,11 @@ class BufferedTransaction(Transaction):
             return None
         value = await self._snapshot_get(key)
         if not snapshot:
-            self._add_read_conflict(key, key_after(key))
+            end = key_after(key)
+            self._add_read_conflict(key, end)
+            if self._records_reads:
+                rows = () if value is None else ((key, value),)
+                self.snapshot_reads.append(SnapshotRead(key, end, 0, False, rows))
         return value
 
     async def get_range(
@@ -145,7 +170,13 @@ class BufferedTransaction(Transaction):
         self._check_age()
         if begin == end:
             return []
-        rows = await self._merged_range(begin, end, limit, reverse)
+        recording = self._records_reads and not snapshot
+        first = len(self.snapshot_reads)
+        try:
+            rows = await self._merged_range(begin, end, limit, reverse, recording)
+        except BaseException:
+            del self.snapshot_reads[first:]  # a failed read guards nothing
+            raise
         if not snapshot:
             if limit and len(rows) == limit:
                 last = rows[-1][0]
@@ -153,6 +184,8 @@ class BufferedTransaction(Transaction):
             else:
                 scanned = (begin, end)
             self._add_read_conflict(*scanned)
+            if recording and scanned != (begin, end):
+                self._trim_reads(first, *scanned)
         return rows
 
     def set(self, key: bytes, value: bytes) -> None:
@@ -301,8 +334,27 @@ class BufferedTransaction(Transaction):
         hi = bisect.bisect_left(self._set_keys, end)
         return [(key, self._sets[key]) for key in self._set_keys[lo:hi]]
 
+    def _trim_reads(self, first: int, low: bytes, high: bytes) -> None:
+        """Cuts the reads recorded since `first` down to [low, high), the part scanned.
+
+        A limited read fetches a row more for each of its own writes in the range
+        than it returns, but depends only on what it scanned; every stored row in
+        that part was fetched, so the trimmed records are exact.
+        """
+        self.snapshot_reads[first:] = [
+            SnapshotRead(
+                max(r.begin, low),
+                min(r.end, high),
+                0,
+                r.reverse,
+                tuple(kv for kv in r.rows if low <= kv[0] < high),
+            )
+            for r in self.snapshot_reads[first:]
+            if max(r.begin, low) < min(r.end, high)
+        ]
+
     async def _merged_range(
-        self, begin: bytes, end: bytes, limit: int, reverse: bool
+        self, begin: bytes, end: bytes, limit: int, reverse: bool, recording: bool = False
     ) -> list[KeyValue]:
         pieces = self._pieces(begin, end)
         if reverse:
@@ -319,6 +371,10 @@ class BufferedTransaction(Transaction):
                 # more than we still need is always enough.
                 fetch = limit - len(out) + len(local) if limit else 0
                 stored = await self._snapshot_range(p_begin, p_end, fetch, reverse)
+                if recording:
+                    self.snapshot_reads.append(
+                        SnapshotRead(p_begin, p_end, fetch, reverse, tuple(stored))
+                    )
                 if fetch and len(stored) >= fetch:
                     # The store had more: only local keys up to the last stored one count.
                     frontier = stored[-1][0]
