@@ -37,13 +37,16 @@ Isolation: strict serializability by optimistic concurrency
     inserted into a range that was read (a phantom) counts as a change.
     `commit()` raises `Conflict` (retryable, nothing written) when committing
     could break serializability. Backends with `precise_conflicts` (memory,
-    sqlite, fdb, the simulated store) raise it exactly when a key or range this
+    fdb, the simulated store) raise it exactly when a key or range this
     transaction read was written by a transaction that committed after this one
-    started, FoundationDB's rule. PostgreSQL's serializable snapshot isolation
-    is different in both directions: it may let such a commit through when a
-    serial order still exists, and may refuse one the rule would allow; every
-    history it accepts is still serializable. A conflict may always be reported
-    spuriously: callers retry, they never assume a commit must succeed.
+    started, FoundationDB's rule. SQLite validates reads by value at commit: it
+    raises it only when something read would now read differently, which is
+    never more often than the rule. PostgreSQL's serializable snapshot
+    isolation is different in both directions: it may let such a commit
+    through when a serial order still exists, and may refuse one the rule
+    would allow. Every history any backend accepts is serializable. A
+    conflict may always be reported spuriously: callers retry, they never
+    assume a commit must succeed.
 
 Snapshot reads
     `get(key, snapshot=True)` and `get_range(..., snapshot=True)` read the same

@@ -2,83 +2,58 @@
 
 `await SqliteStore.open(path)` opens (or creates) one SQLite file. Several
 stores, in one process or in several processes on one machine, may share a
-file: together they behave as one store, with FoundationDB's conflict rule
-holding across all of them (`precise_conflicts`).
+file: together they behave as one strictly serializable store.
 
 The file
-    kv(key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID
-        The data. SQLite orders BLOBs bytewise (memcmp, then length), which is
-        the contract's key order.
-    commits(version INTEGER PRIMARY KEY, ranges BLOB)
-        The resolver log: each commit's write-conflict ranges
-        (`Mutations.write_ranges()`), packed into one row at its commit version.
-        Its newest row is the last commit, so `max(version)` is the store's
-        version (0 before the first commit); pruning always keeps that row.
-    meta: one row (horizon, pruned_to)
-        `pruned_to` is the version below which the log has been pruned, and
-        `horizon` the newest version pruned away (see Conflicts).
-    The file is marked with an application id and a format number
-    (`PRAGMA application_id`, `user_version`); opening any other SQLite file,
-    or a file of another format, is a `ConfigError`.
+    kv(key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID: the data, and nothing
+    else. SQLite orders BLOBs bytewise (memcmp, then length), which is the
+    contract's key order. The file is marked with an application id and a
+    format number (`PRAGMA application_id`, `user_version`); opening any other
+    SQLite file, or a file of another format, is a `ConfigError`.
 
 Snapshots
     A transaction reads from one SQLite read transaction on a pooled connection
-    (`BEGIN`, then a read of the last version, which fixes the WAL snapshot),
-    held until the transaction ends. The snapshot is taken when the transaction
-    is created, as in the memory backend, unless all `connections_max`
+    (`BEGIN`, then a one-row read, which fixes the WAL snapshot), held until
+    the transaction ends. The snapshot is taken when the transaction is
+    created, as in the memory backend, unless all `connections_max`
     connections are in use or a WAL reset is pending (see The WAL): then the
     transaction waits at its first operation and takes its snapshot there
     (still inside its lifetime, so strict serializability holds).
-    The snapshot version S is the last version in that snapshot: exactly the
-    commits with a version at or below S are visible to it.
 
-Conflicts (FoundationDB's rule, precise)
-    Commit versions increase strictly with every commit, so the commits made
-    after a transaction's snapshot are exactly the log rows with version > S.
-    `commit()` first tries to upgrade the transaction's own read transaction to
-    a write transaction by appending its log row. SQLite allows that only if
-    nothing was committed since the snapshot, so no conflict is possible and
-    the writes go straight in. Otherwise (SQLITE_BUSY_SNAPSHOT, or another
-    connection holds the write lock) it rolls back, takes the write lock with
-    `BEGIN IMMEDIATE`, and checks every log row with version > S against the
-    transaction's read-conflict ranges: any overlap is a `Conflict`, and
-    nothing is written. Log rows older than the 5 s transaction window (plus a
-    margin) are pruned inside commits; a transaction whose snapshot is older
-    than the newest pruned row cannot be checked and gets `TransactionTooOld`
-    (retryable). A transaction that read nothing (or only its own writes)
-    depends on nothing stored and has nothing to check.
-    Each commit appends its log row, applies `mutations.cleared` (range
-    deletes), then `mutations.sets` (upserts; None deletes), and commits: all
-    or nothing. An error before SQLite's COMMIT rolls everything back; an error
-    during COMMIT (an fsync that failed) leaves the outcome unknown and raises
-    `CommitUnknownResult`.
+Conflicts: reads validated by value (`precise_conflicts` is False)
+    The transaction records every read that guards its commit: what each point
+    read and each range read returned from the store, trimmed to the part it
+    scanned (`BufferedTransaction.snapshot_reads`). `commit()` first tries to
+    upgrade its own read transaction to a write transaction by writing. SQLite
+    allows that only if nothing was committed since the snapshot, so nothing
+    read can have changed and the writes go straight in: the common case costs
+    exactly the statements of a hand-written read-modify-write. Otherwise
+    (SQLITE_BUSY_SNAPSHOT, or another connection holds the write lock) it rolls
+    back, takes the write lock with `BEGIN IMMEDIATE`, and reads everything it
+    read again: if any read now returns something else, `Conflict`, and nothing
+    is written; if not, the transaction's reads hold at this instant, under the
+    lock, so committing it here is committing it as if it had run entirely
+    now, which is serializable, and strictly so (the instant lies within its
+    life). This differs from FoundationDB's rule only in conflicting less: a
+    write that leaves what was read unchanged (the same value written again,
+    a clear that removed nothing, a change undone before the check) is no
+    conflict. Each commit applies `mutations.cleared` (range deletes), then
+    `mutations.sets` (upserts; None deletes), and commits: all or nothing. An
+    error before SQLite's COMMIT rolls everything back; an error during COMMIT
+    (an fsync that failed) leaves the outcome unknown and raises
+    `CommitUnknownResult`. (An earlier design kept a resolver log of every
+    commit's write ranges in the file for FoundationDB's exact rule; its extra
+    page per commit cost about 15% of single-client throughput.)
 
 The store's clock (`read_version`)
-    Versions are microseconds of the machine's wall clock, which every process
-    sharing the file also reads. A transaction's read version is
-    R = max(S, wall clock when it is first asked for, the highest version this
-    store object has handed out). A commit's version is
-    max(last version + 1, wall clock now, the highest version this store object
-    has handed out + 1), computed by SQLite under the write lock. What holds,
-    and why:
-    - Visibility and conflicts never depend on the clock: visibility is the WAL
-      snapshot and conflicts compare against S, so a wall clock that steps back
-      cannot lose an update.
-    - Commit versions strictly increase (each is above the last), and track
-      wall time; if the clock steps back they still increase by one per commit.
-    - R >= S: a transaction's read version is at least the version of every
-      commit it sees.
-    - After a transaction that committed writes, every transaction that starts
-      later has R >= S >= that commit's version > that transaction's R. After
-      a read-only transaction, a later transaction's R is at least as large if
-      it runs in the same store object, or if the wall clock did not step back
-      between the two. That is the contract's "never below the read version of
-      a transaction that committed before this one started"; the one gap is a
-      wall clock stepping back between read-only transactions of different
-      store objects.
-    - In one store object every commit version is above every read version it
-      handed out before (as in the memory backend); across processes that
-      holds up to the resolution of the shared wall clock.
+    Microseconds of the machine's wall clock, which every process sharing the
+    file also reads, kept from going back within one store object: a read
+    version is max(wall clock, the highest version the object handed out), a
+    commit version (`committed_version`) is above every version it handed out
+    before. Across store objects (processes) the versions are as monotonic as
+    the wall clock: a clock stepped back makes another process's read version
+    lower than an earlier commit's. Visibility and conflicts never depend on
+    the clock, so no update is lost however the clock moves.
 
 The WAL
     SQLite can restart its write-ahead log only at a moment when no read
@@ -118,12 +93,10 @@ Errors
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import random
 import sqlite3
-import struct
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -139,9 +112,8 @@ from kelpie.storage._errors import (
     StorageError,
     StorageUnavailable,
     TransactionClosed,
-    TransactionTooOld,
 )
-from kelpie.storage._limits import TRANSACTION_DURATION_MAX_MS, VERSIONS_PER_SECOND
+from kelpie.storage._keys import key_after
 
 T = TypeVar("T")
 
@@ -153,12 +125,8 @@ CONNECTIONS_MAX_DEFAULT = 16
 
 #: Marks a Kelpie store in the SQLite header ("KLPI"), and the layout of its tables.
 _APPLICATION_ID = 0x4B4C5049
-_FORMAT = 1
+_FORMAT = 2
 
-#: The resolver log keeps commits this long past the transaction limit, in versions.
-_WINDOW_VERSIONS = (TRANSACTION_DURATION_MAX_MS + 1_000) * VERSIONS_PER_SECOND // 1_000
-#: A commit prunes the log once the part past the window spans this many versions.
-_PRUNE_STEP_VERSIONS = VERSIONS_PER_SECOND // 10
 
 #: Past this size, the WAL is known to have missed its resets (see "The WAL"), by default.
 WAL_SIZE_MAX_BYTES_DEFAULT = 16 * 1024 * 1024
@@ -168,8 +136,6 @@ _WAL_DRAIN_RETRY_S = 1.0
 #: Commits between two looks at the WAL's size.
 _WAL_CHECK_COMMITS = 16
 
-#: Decoded resolver-log rows kept per store object.
-_LOG_CACHE_ROWS_MAX = 4_096
 
 _BACKOFF_INITIAL_S = 0.000_5
 _BACKOFF_MAX_S = 0.02
@@ -193,32 +159,19 @@ _UNAVAILABLE_CODES = frozenset(
 
 _SCHEMA = (
     "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 0),"
-    " horizon INTEGER NOT NULL, pruned_to INTEGER NOT NULL)",
-    "CREATE TABLE commits (version INTEGER PRIMARY KEY, ranges BLOB NOT NULL)",
-    "INSERT INTO meta (id, horizon, pruned_to) VALUES (0, 0, 0)",
     f"PRAGMA application_id = {_APPLICATION_ID}",
     f"PRAGMA user_version = {_FORMAT}",
 )
 #: Per connection (connect(timeout=0) already sets busy_timeout to 0: lock waits are ours).
 _CONNECTION_PRAGMAS = ("PRAGMA synchronous = FULL",)
-_META = "SELECT horizon, pruned_to FROM meta WHERE id = 0"
-_VERSION = "SELECT coalesce(max(version), 0) FROM commits"
-#: Appends the commit's log row at max(last version + 1, ?) and returns that version.
-_LOG_APPEND = (
-    "INSERT INTO commits (version, ranges) SELECT max(coalesce(max(version), 0) + 1, ?), ?"
-    " FROM commits RETURNING version"
-)
 _GET = "SELECT value FROM kv WHERE key = ?"
 _RANGE = "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"
 _RANGE_REVERSE = "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT ?"
 _CLEAR_RANGE = "DELETE FROM kv WHERE key >= ? AND key < ?"
 _PUT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
+#: A read that fixes a deferred transaction's WAL snapshot (it touches the table's root page).
+_PIN = "SELECT 1 FROM kv LIMIT 1"
 _DELETE = "DELETE FROM kv WHERE key = ?"
-_LOG_SINCE = "SELECT version, ranges FROM commits WHERE version > ? ORDER BY version"
-_LOG_NEWEST_BELOW = "SELECT max(version) FROM commits WHERE version <= ?"
-_LOG_PRUNE = "DELETE FROM commits WHERE version < ?"
-_SET_PRUNED = "UPDATE meta SET horizon = ?, pruned_to = ? WHERE id = 0"
 
 
 class SqliteError(StorageError):
@@ -256,73 +209,6 @@ def _translate(exc: sqlite3.Error, doing: str) -> StorageError:
     return SqliteError(message, name)
 
 
-# -- the resolver log's rows -----------------------------------------------------------
-
-_LENGTH = struct.Struct(">I")
-_POINT = 0x8000_0000  # high bit of a begin length: the range is [key, key + b"\0")
-
-
-def encode_writes(mutations: Mutations) -> bytes:
-    """The write-conflict ranges of `mutations`, packed into one log row.
-
-    Each range is its begin's length (4 bytes, big-endian) and begin, then its
-    end's length and end; a point range [key, key + b"\\0") (a set or a clear
-    of one key) sets the length's high bit and omits the end.
-    """
-    parts: list[bytes] = []
-    pack = _LENGTH.pack
-    for begin, end in mutations.cleared:
-        parts += (pack(len(begin)), begin, pack(len(end)), end)
-    for key, _ in mutations.sets:
-        parts += (pack(len(key) | _POINT), key)
-    return b"".join(parts)
-
-
-def decode_writes(blob: bytes) -> list[KeyRange]:
-    """The ranges `encode_writes` packed into `blob`."""
-    out: list[KeyRange] = []
-    unpack = _LENGTH.unpack_from
-    i = 0
-    while i < len(blob):
-        (n,) = unpack(blob, i)
-        i += 4
-        if n & _POINT:
-            n &= ~_POINT
-            key = blob[i : i + n]
-            i += n
-            out.append((key, key + b"\x00"))
-        else:
-            begin = blob[i : i + n]
-            i += n
-            (m,) = unpack(blob, i)
-            i += 4
-            out.append((begin, blob[i : i + m]))
-            i += m
-    return out
-
-
-class _ReadSet:
-    """A transaction's read-conflict ranges, merged, for fast overlap tests."""
-
-    def __init__(self, ranges: list[KeyRange]) -> None:
-        merged: list[KeyRange] = []
-        for begin, end in sorted(ranges):
-            if merged and begin <= merged[-1][1]:
-                if end > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((begin, end))
-        self._ranges = merged
-        self._ends = [end for _, end in merged]
-
-    def overlap(self, write: KeyRange) -> KeyRange | None:
-        """A read range that shares a key with `write`, or None."""
-        i = bisect.bisect_right(self._ends, write[0])
-        if i < len(self._ranges) and self._ranges[i][0] < write[1]:
-            return self._ranges[i]
-        return None
-
-
 # -- the store ---------------------------------------------------------------------------
 
 
@@ -330,7 +216,7 @@ class SqliteStore(Store):
     """A store in one SQLite file (see the module docstring). Open it with `open()`."""
 
     backend = "sqlite"
-    precise_conflicts = True
+    precise_conflicts = False  # reads are validated by value, not by write ranges
 
     def __init__(self, path: str, connections_max: int, wal_size_max_bytes: int) -> None:
         """Use `await SqliteStore.open(path)`; this constructor touches no file."""
@@ -349,9 +235,7 @@ class SqliteStore(Store):
         self.wal_resets = 0
         self._closed = False
         self._issued = 0  # the highest read or commit version this object handed out
-        self._pruned_to = 0  # the log was pruned to here, as far as this object knows
         self._jitter = random.Random()
-        self._log_cache: dict[int, list[KeyRange]] = {}  # decoded log rows, oldest first
         #: Commits made through this store object (for tests and benchmarks).
         self.commits = 0
 
@@ -486,33 +370,20 @@ class SqliteStore(Store):
 
     # -- versions -----------------------------------------------------------------------
 
-    def _read_version(self, snapshot: int) -> int:
-        version = max(snapshot, _wall_us(), self._issued)
+    def _read_version(self) -> int:
+        version = max(_wall_us(), self._issued)
         self._issued = version
         return version
 
-    def _commit_floor(self) -> int:
-        """The lowest version the next commit may take: wall time, and above every one issued."""
-        return max(_wall_us(), self._issued + 1)
-
-    def _log_writes(self, version: int, blob: bytes) -> list[KeyRange]:
-        """The write ranges of the log row at `version`, decoded once per store object.
-
-        The commits of one busy store check the same recent rows over and over.
-        """
-        writes = self._log_cache.get(version)
-        if writes is None:
-            writes = decode_writes(blob)
-            if len(self._log_cache) >= _LOG_CACHE_ROWS_MAX:
-                del self._log_cache[next(iter(self._log_cache))]
-            self._log_cache[version] = writes
-        return writes
+    def _commit_version(self) -> int:
+        version = max(_wall_us(), self._issued + 1)
+        self._issued = version
+        return version
 
     # -- keeping the WAL small ----------------------------------------------------------
 
-    def _after_commit(self, version: int) -> None:
+    def _after_commit(self) -> None:
         self.commits += 1
-        self._issued = max(self._issued, version)
         self._wal_check_in -= 1
         if self._wal_check_in > 0 or self._wal_drain is not None:
             return
@@ -649,14 +520,13 @@ class SqliteTransaction(BufferedTransaction):
     """A transaction of a SqliteStore: one SQLite read snapshot, then one write transaction."""
 
     _release_may_wait = False  # _release never awaits: no cancel shield needed
+    _records_reads = True  # validated at commit when someone committed meanwhile
 
     def __init__(self, store: SqliteStore) -> None:
         super().__init__()
         self._store = store
         self._conn: sqlite3.Connection | None = None
-        self._snapshot = -1  # the last commit version the snapshot sees; -1 until taken
         self._reading = False  # whether the snapshot's read transaction is open
-        self._read_at = 0
         self._commits_seen = store.commits
         self._failed: StorageError | None = None
         #: The version this transaction committed at, once it has.
@@ -671,10 +541,9 @@ class SqliteTransaction(BufferedTransaction):
     # -- the snapshot -------------------------------------------------------------------
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        # A deferred transaction; its first read (of the last version) fixes the snapshot.
-        conn.execute("BEGIN")
+        conn.execute("BEGIN")  # deferred: the read below fixes the WAL snapshot
         try:
-            (self._snapshot,) = conn.execute(_VERSION).fetchone()
+            conn.execute(_PIN).fetchall()
         except BaseException:
             _rollback(conn)
             raise
@@ -707,30 +576,22 @@ class SqliteTransaction(BufferedTransaction):
     async def _snapshot_get(self, key: bytes) -> bytes | None:
         conn = await self._ready()
         try:
-            row = conn.execute(_GET, (key,)).fetchone()
+            return _get(conn, key)
         except sqlite3.Error as exc:
             raise self._fail(exc, "reading a key") from exc
-        if row is None:
-            return None
-        value: bytes = row[0]
-        return value
 
     async def _snapshot_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[KeyValue]:
         conn = await self._ready()
         try:
-            return conn.execute(
-                _RANGE_REVERSE if reverse else _RANGE, (begin, end, limit or -1)
-            ).fetchall()
+            return _range(conn, begin, end, limit, reverse)
         except sqlite3.Error as exc:
             raise self._fail(exc, "reading a range") from exc
 
     async def _snapshot_version(self) -> int:
         await self._ready()
-        if not self._read_at:
-            self._read_at = self._store._read_version(self._snapshot)
-        return self._read_at
+        return self._store._read_version()
 
     # -- the commit ---------------------------------------------------------------------
 
@@ -738,15 +599,14 @@ class SqliteTransaction(BufferedTransaction):
         await trio.lowlevel.checkpoint()
         if self._failed is not None:
             raise self._failed
-        writes = encode_writes(mutations)
         store = self._store
         conn = self._conn
         if self._reading:
             assert conn is not None
             # A commit this store made meanwhile makes the fast path fail for sure.
-            if store.commits == self._commits_seen and self._commit_fast(conn, mutations, writes):
+            if store.commits == self._commits_seen and self._commit_fast(conn, mutations):
                 return
-            # Someone committed after the snapshot: check precisely under the write lock.
+            # Someone committed after the snapshot: validate under the write lock.
             self._reading = False
             _rollback(conn)
         if conn is None:
@@ -760,30 +620,24 @@ class SqliteTransaction(BufferedTransaction):
             raise _translate(exc, "taking the write lock") from exc
         # From here to COMMIT nothing awaits: the write lock is never held across a yield.
         try:
-            if read_conflicts and self._snapshot >= 0:
-                self._check_conflicts(conn, read_conflicts)
-            version = self._append_log(conn, writes)
+            self._validate(conn)
         except sqlite3.Error as exc:
             _rollback(conn)
             raise _translate(exc, "checking conflicts") from exc
         except BaseException:
             _rollback(conn)
             raise
-        self._apply(conn, version, mutations)
+        self._apply(conn, mutations)
 
-    def _append_log(self, conn: sqlite3.Connection, writes: bytes) -> int:
-        """Appends this commit's log row (the first write) and returns its version."""
-        ((version,),) = conn.execute(_LOG_APPEND, (self._store._commit_floor(), writes)).fetchall()
-        return int(version)
-
-    def _commit_fast(self, conn: sqlite3.Connection, mutations: Mutations, writes: bytes) -> bool:
+    def _commit_fast(self, conn: sqlite3.Connection, mutations: Mutations) -> bool:
         """Commits on the read snapshot if nobody committed since it; False if someone did.
 
         SQLite upgrades a read transaction to a write transaction only when its
-        snapshot is the newest, so if the first write succeeds no conflict is possible.
+        snapshot is the newest, so if the first write succeeds nothing this
+        transaction read can have changed.
         """
         try:
-            version = self._append_log(conn, writes)
+            _write(conn, mutations)
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode == _SQLITE_BUSY_SNAPSHOT or _is_busy(exc):
                 return False
@@ -792,41 +646,36 @@ class SqliteTransaction(BufferedTransaction):
         except sqlite3.Error as exc:
             _rollback(conn)
             raise _translate(exc, "starting the commit") from exc
-        self._apply(conn, version, mutations)
+        self._apply(conn, None)
         return True
 
-    def _check_conflicts(self, conn: sqlite3.Connection, read_conflicts: list[KeyRange]) -> None:
-        """Raises Conflict if a commit after this snapshot wrote into what it read."""
-        horizon, _ = conn.execute(_META).fetchone()
-        if self._snapshot < horizon:
-            raise TransactionTooOld(
-                f"this transaction's snapshot (version {self._snapshot}) is older than the "
-                f"resolver log kept in {self._store.path} (pruned up to {horizon}); retry it"
-            )
-        reads = _ReadSet(read_conflicts)
-        for version, blob in conn.execute(_LOG_SINCE, (self._snapshot,)).fetchall():
-            for write in self._store._log_writes(version, blob):
-                hit = reads.overlap(write)
-                if hit is not None:
-                    raise Conflict(
-                        f"a range this transaction read, {hit[0][:40]!r}..{hit[1][:40]!r}, "
-                        "was written by a commit made after it started; retry it"
-                    )
+    def _validate(self, conn: sqlite3.Connection) -> None:
+        """Raises Conflict if anything this transaction read reads differently now."""
+        for read in self.snapshot_reads:
+            now: tuple[KeyValue, ...]
+            if read.limit == 0 and read.end == key_after(read.begin):
+                value = _get(conn, read.begin)
+                now = () if value is None else ((read.begin, value),)
+            else:
+                now = tuple(_range(conn, read.begin, read.end, read.limit, read.reverse))
+            if now != read.rows:
+                raise Conflict(
+                    f"what this transaction read in {read.begin[:40]!r}..{read.end[:40]!r} "
+                    "was changed by a commit made after it started; retry it"
+                )
 
-    def _apply(self, conn: sqlite3.Connection, version: int, mutations: Mutations) -> None:
-        """Writes `mutations` after the log row, and commits (the write lock is held)."""
+    def _apply(self, conn: sqlite3.Connection, mutations: Mutations | None) -> None:
+        """Writes `mutations` (if not written yet) and commits (the write lock is held)."""
         try:
-            _write(conn, mutations)
-            cut = version - _WINDOW_VERSIONS
-            if cut - self._store._pruned_to >= _PRUNE_STEP_VERSIONS:
-                _prune_log(conn, cut)
-                self._store._pruned_to = cut
+            if mutations is not None:
+                _write(conn, mutations)
         except sqlite3.Error as exc:
             _rollback(conn)
             raise _translate(exc, "writing") from exc
         except BaseException:
             _rollback(conn)
             raise
+        version = self._store._commit_version()
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -839,7 +688,7 @@ class SqliteTransaction(BufferedTransaction):
                 f"{exc} ({getattr(exc, 'sqlite_errorname', type(exc).__name__)})"
             ) from exc
         self.committed_version = version
-        self._store._after_commit(version)
+        self._store._after_commit()
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
@@ -853,6 +702,23 @@ class SqliteTransaction(BufferedTransaction):
             except sqlite3.Error:
                 healthy = False
         self._store._give_back(conn, healthy)
+
+
+def _get(conn: sqlite3.Connection, key: bytes) -> bytes | None:
+    row = conn.execute(_GET, (key,)).fetchone()
+    if row is None:
+        return None
+    value: bytes = row[0]
+    return value
+
+
+def _range(
+    conn: sqlite3.Connection, begin: bytes, end: bytes, limit: int, reverse: bool
+) -> list[KeyValue]:
+    rows: list[KeyValue] = conn.execute(
+        _RANGE_REVERSE if reverse else _RANGE, (begin, end, limit or -1)
+    ).fetchall()
+    return rows
 
 
 def _write(conn: sqlite3.Connection, mutations: Mutations) -> None:
@@ -872,21 +738,6 @@ def _write(conn: sqlite3.Connection, mutations: Mutations) -> None:
             conn.executemany(_PUT, puts)
         if len(puts) < len(sets):
             conn.executemany(_DELETE, [(key,) for key, value in sets if value is None])
-
-
-def _prune_log(conn: sqlite3.Connection, cut: int) -> None:
-    """Deletes the log rows older than the newest one at or below version `cut`.
-
-    The newest row always stays, so the last commit version is never lost. The
-    horizon becomes the newest version deleted (at most one below the row kept):
-    a snapshot below it can no longer be checked.
-    """
-    (keep,) = conn.execute(_LOG_NEWEST_BELOW, (cut,)).fetchone()
-    horizon, _ = conn.execute(_META).fetchone()
-    if keep is not None:
-        conn.execute(_LOG_PRUNE, (keep,))
-        horizon = max(horizon, keep - 1)
-    conn.execute(_SET_PRUNED, (horizon, cut))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -240,6 +240,8 @@ class _StoreMachine(RuleBasedStateMachine):
         self.history: list[CommittedTransaction] = []
         self.write_log: list[list[KeyRange]] = []  # per history entry, its write ranges
         self.installs: dict[bytes, list[int]] = {key: [] for key in _SM_KEYS}
+        #: The value each install left (None: the key was cleared), parallel to installs.
+        self.install_values: dict[bytes, list[bytes | None]] = {key: [] for key in _SM_KEYS}
         self._names = itertools.count()
         self._values = itertools.count()
         self.steps_running = 0  # more than 0 in teardown: a step raised (see _step)
@@ -305,6 +307,14 @@ class _StoreMachine(RuleBasedStateMachine):
         if slot is not None:
             self.slots[slot] = tx
         return tx
+
+    def _current_if_same(self, key: bytes, seen: int) -> int:
+        """The current version of `key` if it holds the value version `seen` held, else `seen`."""
+        values = self.install_values[key]
+        current = len(values)
+        if (values[current - 1] if current else None) == (values[seen - 1] if seen else None):
+            return current
+        return seen
 
     def _version(self, key: bytes, tx: _ModelTransaction) -> int:
         """The version of `key` that `tx`'s snapshot holds (see CommittedTransaction)."""
@@ -389,12 +399,17 @@ class _StoreMachine(RuleBasedStateMachine):
             for key in _SM_KEYS
             if tx.wrote(key) and key not in overtaken and (key in new or key in old)
         ]
+        reads = dict(tx.reads)
+        if not self.precise:
+            # A backend that is not precise may validate reads by value at commit
+            # (sqlite does): a read whose value is still the current one when the
+            # transaction commits is a read of the current version.
+            reads = {key: self._current_if_same(key, seen) for key, seen in reads.items()}
         for key in installed:
             self.installs[key].append(position)
+            self.install_values[key].append(new.get(key))
         self.history.append(
-            CommittedTransaction(
-                tx.name, reads={**overtaken, **tx.reads}, writes=frozenset(installed)
-            )
+            CommittedTransaction(tx.name, reads={**overtaken, **reads}, writes=frozenset(installed))
         )
         self.write_log.append([(begin, end) for begin, end, _ in tx.writes])
         self.committed = new
