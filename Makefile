@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/sim_throughput.py
 	$(PY) bench/storage_sqlite.py
 	$(PY) bench/storage_postgres.py
+	$(PY) bench/actors_runtime.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,7 +1,32 @@
-"""Virtual actors: activation, mailbox, directory and cluster (see the actors issue).
+"""Virtual actors: activation on demand, one message at a time, state committed atomically.
 
-The package exists so that the layering of DESIGN.md §2 is fixed from the start;
-the repository tests already hold it to the determinism rules of kelpie.env.
+This layer holds one node's runtime (`open_runtime`); the cluster (membership,
+directory, forwarding) follows in the actors issue.
 """
 
-__all__: list[str] = []
+from kelpie.runtime._actor import Actor, ActorContext
+from kelpie.runtime._errors import (
+    ActorError,
+    ContextUnavailable,
+    InvocationTimeout,
+    MailboxFull,
+    RuntimeClosed,
+)
+from kelpie.runtime._ids import ACTOR_ID_PART_MAX_CHARS, ActorId, InvalidActorId
+from kelpie.runtime._runtime import ActorRuntime, RuntimeConfig, open_runtime
+
+__all__ = [
+    "ACTOR_ID_PART_MAX_CHARS",
+    "Actor",
+    "ActorContext",
+    "ActorError",
+    "ActorId",
+    "ActorRuntime",
+    "ContextUnavailable",
+    "InvalidActorId",
+    "InvocationTimeout",
+    "MailboxFull",
+    "RuntimeClosed",
+    "RuntimeConfig",
+    "open_runtime",
+]

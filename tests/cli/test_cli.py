@@ -170,12 +170,12 @@ def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
     """Acceptance: 200 seeds of every deterministic scenario hash identically in fresh processes."""
     names = [
         arg
-        for name in ("bank", "cycle", "race", "race_fixed", "ring", "deadlock")
+        for name in ("actors", "bank", "cycle", "race", "race_fixed", "ring", "deadlock")
         for arg in ("--scenario", name)
     ]
     done = kelpie("sim", "--check-determinism", "--seeds", "200", *names, timeout=3000)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    assert "deterministic: 1200 runs" in done.stdout
+    assert "deterministic: 1400 runs" in done.stdout
 
 
 @pytest.mark.slow

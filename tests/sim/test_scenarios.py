@@ -12,6 +12,7 @@ from scenarios.cycle import CycleWorkload
 def test_registry_lists_every_scenario() -> None:
     """The registry finds every module's scenarios; sweeps skip the planted ones."""
     assert set(scenarios.all_scenarios()) == {
+        "actors",
         "bank",
         "cycle",
         "deadlock",
@@ -21,12 +22,12 @@ def test_registry_lists_every_scenario() -> None:
         "race_fixed",
         "ring",
     }
-    assert scenarios.default_names() == ["bank", "cycle", "race_fixed", "ring"]
-    with pytest.raises(KeyError, match="known: bank, cycle"):
+    assert scenarios.default_names() == ["actors", "bank", "cycle", "race_fixed", "ring"]
+    with pytest.raises(KeyError, match="known: actors, bank, cycle"):
         scenarios.get("nope")
 
 
-@pytest.mark.parametrize("name", ["bank", "cycle", "race_fixed", "ring"])
+@pytest.mark.parametrize("name", ["actors", "bank", "cycle", "race_fixed", "ring"])
 def test_default_scenarios_pass(name: str) -> None:
     """Each scenario without a planted bug passes 40 seeds in-process."""
     scenario = scenarios.get(name)
@@ -34,7 +35,7 @@ def test_default_scenarios_pass(name: str) -> None:
     assert not failures, failures[0].failure
 
 
-@pytest.mark.parametrize("name", ["bank", "cycle", "race_fixed", "ring", "race"])
+@pytest.mark.parametrize("name", ["actors", "bank", "cycle", "race_fixed", "ring", "race"])
 def test_seeds_give_distinct_interleavings(name: str) -> None:
     """Over 50 seeds, each scenario produces (almost) 50 distinct traces."""
     scenario = scenarios.get(name)
@@ -99,3 +100,18 @@ def test_ring_reaches_its_fault_sites() -> None:
     for seed in range(20):
         fired |= {s.site for s in run_scenario(ring, seed).buggify if s.fired}
     assert fired == {"ring.consumer.slow", "ring.producer.stall"}
+
+
+def test_actors_catches_a_runtime_that_keeps_failed_increments() -> None:
+    """An actor that ignores the runtime's rollbacks fails the actors check on some seeds."""
+    from scenarios.actors import ActorsWorkload, ForgetfulCounter
+
+    broken = Scenario(
+        name="actors_forgetful",
+        summary="",
+        faults=scenarios.get("actors").faults,
+        workload=lambda: ActorsWorkload(actor=ForgetfulCounter),
+    )
+    failures = [r.failure for r in (run_scenario(broken, s) for s in range(40)) if not r.ok]
+    assert len(failures) >= 2
+    assert all(f is not None and "failed outright" in f.message for f in failures)
