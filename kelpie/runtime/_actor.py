@@ -23,6 +23,7 @@ from kelpie.runtime._errors import ContextUnavailable
 from kelpie.runtime._ids import ActorId
 from kelpie.storage import (
     VALUE_SIZE_MAX_BYTES,
+    InvalidRange,
     KeyValue,
     Store,
     Transaction,
@@ -86,6 +87,8 @@ class ActorContext:
     async def kv_items(self, prefix: bytes = b"", *, limit: int = 0) -> list[KeyValue]:
         """The (key, value) pairs whose key starts with `prefix`, in key order (at most `limit`)."""
         writes = self._buffer()
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidRange(f"limit must be an integer >= 0 (0: no limit), got {limit!r}")
         begin, end = prefix_range(self._kv_prefix + prefix)
         pending = sorted(key for key in writes if begin <= key < end)
         fetch = limit + len(pending) if limit else 0

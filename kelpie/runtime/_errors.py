@@ -17,7 +17,13 @@ class MailboxFull(ActorError):
 
 
 class InvocationTimeout(ActorError):
-    """The actor did not finish handling the message in time; nothing it did was committed."""
+    """The actor did not finish handling the message in time.
+
+    Usually nothing it did was committed; but if the time ran out during the
+    commit, the commit may have applied, as with `CommitUnknownResult`: only an
+    idempotent message may be retried blindly. (The runtime reloads the actor's
+    state from the store either way.)
+    """
 
 
 class RuntimeClosed(ActorError):

@@ -51,6 +51,7 @@ from kelpie.runtime._ids import ActorId
 from kelpie.storage import (
     CommitUnknownResult,
     RetryPolicy,
+    StorageError,
     Store,
     Transaction,
     clear_blob,
@@ -94,6 +95,8 @@ class _Activation:
         self.send, self.receive = trio.open_memory_channel[_Message](size)
         self.committed: bytes | None = None
         self.stopping = False
+        #: The state in memory may differ from the store's: reload before the actor runs again.
+        self.stale = False
         self.busy = False
         self.stopped = trio.Event()
         self.idle_scope: trio.CancelScope | None = None
@@ -170,7 +173,8 @@ class ActorRuntime:
     # -- activations ------------------------------------------------------------------
 
     def _start(self, actor_id: ActorId) -> _Activation:
-        if len(self._active) >= self._config.active_max:
+        cap = self._config.active_max
+        if len(self._active) >= cap and sum(not a.stopping for a in self._active.values()) >= cap:
             self._evict_one()
         ctx = ActorContext(actor_id, self._env, self._store)
         act = _Activation(actor_id, self._factory(actor_id), ctx, self._config.mailbox_size)
@@ -193,12 +197,17 @@ class ActorRuntime:
                 await self._in_transaction(act, act.actor.activate)
             except Exception as exc:  # the activation failed: so does every waiting message
                 act.stopping = True
-                self._fail_pending(act, exc)
+                failure = exc
+                self._fail_pending(act, lambda: failure)
                 return
             await self._loop(act)
             with contextlib.suppress(Exception):  # its writes are lost; the actor is going away
                 await self._in_transaction(act, act.actor.deactivate)
         finally:
+            act.stopping = True
+            self._fail_pending(
+                act, lambda: RuntimeClosed(f"the runtime stopped before {act.actor_id} took this")
+            )
             del self._active[act.actor_id]
             self.deactivations += 1
             act.stopped.set()
@@ -220,18 +229,29 @@ class ActorRuntime:
                     continue
             act.busy = True
             try:
-                reply.result = await outcome.acapture(self._invoke, act, message)
+                value = await self._invoke(act, message)
+            except Exception as exc:
+                reply.result = outcome.Error(exc)
+            except BaseException:  # Cancelled: the runtime is torn down; answer, then go
+                reply.result = outcome.Error(
+                    RuntimeClosed(f"the runtime stopped while {act.actor_id} handled this message")
+                )
+                reply.done.set()
+                raise
+            else:
+                reply.result = outcome.Value(value)
             finally:
                 act.busy = False
+                act.last_used_s = trio.current_time()  # idle counts from the end of work
             reply.done.set()
 
-    def _fail_pending(self, act: _Activation, exc: Exception) -> None:
+    def _fail_pending(self, act: _Activation, error: Callable[[], Exception]) -> None:
         while True:
             try:
                 _, reply = act.receive.receive_nowait()
             except trio.WouldBlock:
                 return
-            reply.result = outcome.Error(exc)
+            reply.result = outcome.Error(error())
             reply.done.set()
 
     # -- one invocation ---------------------------------------------------------------
@@ -255,50 +275,94 @@ class ActorRuntime:
         await self._in_transaction(act, call)
         return result[0]
 
+    async def _reload(self, act: _Activation) -> None:
+        """Makes memory match the store; if the store cannot say, the next use reloads first."""
+        act.stale = True
+        with contextlib.suppress(Exception):  # the caller gets the original error
+            await self._load(act)
+            act.stale = False
+
+    async def _commit(
+        self,
+        act: _Activation,
+        writes: dict[bytes, bytes | None],
+        state: bytes | None,
+        on_retry: Callable[[StorageError, int], None],
+    ) -> None:
+        """Commits an invocation's writes and state: blind sets, so retrying is safe."""
+        key = act.actor_id.key("state")
+
+        async def commit(tr: Transaction) -> None:
+            for full, value in writes.items():
+                if value is None:
+                    tr.clear(full)
+                else:
+                    tr.set(full, value)
+            if state != act.committed:
+                if state is None:
+                    clear_blob(tr, key)
+                else:
+                    write_blob(tr, key, state)
+
+        await transact(
+            self._store,
+            commit,
+            rng=self._env.rng,
+            policy=self._config.commit_retry,
+            on_retry=on_retry,
+        )
+
     async def _in_transaction(
         self, act: _Activation, body: Callable[[ActorContext], Awaitable[None]]
     ) -> None:
         """Runs `body`, then commits its writes with the actor's state, or rolls back."""
+        if act.stale:
+            await self._load(act)  # raises: this message fails, and the actor stays stale
+            act.stale = False
         timeout_s = self._config.invocation_timeout_ms / 1000
-        key = act.actor_id.key("state")
         writes: dict[bytes, bytes | None] = {}
+        committing = False
+        uncertain: list[bool] = []  # one entry per commit attempt whose outcome is unknown
+
+        def on_retry(exc: Exception, attempt: int) -> None:
+            if isinstance(exc, CommitUnknownResult):
+                uncertain.append(True)
+
         act.ctx._writes = writes
         try:
-            with trio.fail_after(timeout_s):
+            with trio.move_on_after(timeout_s) as deadline:
                 try:
                     await body(act.ctx)
                 finally:
                     act.ctx._writes = None
                 state = act.actor.dump_state()
-
-                async def commit(tr: Transaction) -> None:
-                    for full, value in writes.items():
-                        if value is None:
-                            tr.clear(full)
-                        else:
-                            tr.set(full, value)
-                    if state != act.committed:
-                        if state is None:
-                            clear_blob(tr, key)
-                        else:
-                            write_blob(tr, key, state)
-
                 if writes or state != act.committed:
-                    await transact(
-                        self._store, commit, rng=self._env.rng, policy=self._config.commit_retry
-                    )
-        except trio.TooSlowError:
-            await self._load(act)  # a commit cut short may have applied: ask the store
-            raise InvocationTimeout(
-                f"{act.actor_id} took longer than {self._config.invocation_timeout_ms} ms; "
-                "what it did was not committed, or its commit's outcome was checked"
-            ) from None
-        except CommitUnknownResult:
-            await self._load(act)  # the state may or may not be stored: ask the store
-            raise
-        except BaseException:
+                    committing = True
+                    await self._commit(act, writes, state, on_retry)
+        except Exception as exc:
+            if isinstance(exc, CommitUnknownResult):
+                await self._reload(act)  # the state may or may not be stored: ask the store
+                raise
+            if uncertain:  # an earlier attempt may have applied: the outcome is unknown
+                await self._reload(act)
+                raise CommitUnknownResult(
+                    f"the commit of {act.actor_id} failed ({type(exc).__name__}) after an "
+                    "attempt whose outcome is unknown; it may have applied"
+                ) from exc
             act.actor.load_state(act.committed)
             raise
+        except BaseException:  # Cancelled: no time to ask the store
+            if committing:
+                act.stale = True
+            else:
+                act.actor.load_state(act.committed)
+            raise
+        if deadline.cancelled_caught:
+            await self._reload(act)  # a commit cut short may have applied: ask the store
+            raise InvocationTimeout(
+                f"{act.actor_id} took longer than {self._config.invocation_timeout_ms} ms; "
+                "its commit, if one was under way, may have applied"
+            )
         act.committed = state
 
 

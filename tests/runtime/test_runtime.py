@@ -24,7 +24,14 @@ from kelpie.runtime import (
     RuntimeConfig,
     open_runtime,
 )
-from kelpie.storage import Conflict, MemoryStore, SqliteStore
+from kelpie.storage import (
+    CommitUnknownResult,
+    Conflict,
+    MemoryStore,
+    RetryPolicy,
+    SqliteStore,
+    StorageUnavailable,
+)
 
 ENV = Env.production(seed=1)
 
@@ -325,5 +332,86 @@ def test_working_memory_reads_see_the_invocation_s_own_writes() -> None:
             assert [k for k, _ in await runtime.invoke(A, ("list", "a"))] == [b"a1", b"a2"]
             assert [k for k, _ in await runtime.invoke(A, ("drop", "a1", 2))] == [b"a2", b"b1"]
             assert [k for k, _ in await runtime.invoke(A, ("list",))] == [b"a2", b"b1"]
+
+    run(body)
+
+
+class Scripted(MemoryStore):
+    """A MemoryStore whose next commits follow `plan`: "ok", "applied_unknown" (applied, then
+    CommitUnknownResult) or "unavailable" (refused, nothing applied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan: list[str] = []
+
+    def transaction(self):  # type: ignore[no-untyped-def]
+        tr = super().transaction()
+        store, original = self, tr._commit_writes
+
+        async def commit(*args: Any) -> None:
+            action = store.plan.pop(0) if store.plan else "ok"
+            if action == "unavailable":
+                raise StorageUnavailable("scripted: refused")
+            await original(*args)
+            if action == "applied_unknown":
+                raise CommitUnknownResult("scripted: applied, outcome unknown")
+
+        tr._commit_writes = commit  # type: ignore[method-assign]
+        return tr
+
+
+def test_a_commit_that_may_have_applied_is_never_rolled_back_in_memory_only() -> None:
+    """An attempt applied with an unknown outcome, then the retries failed: the caller learns the
+    outcome is unknown, and the actor continues from what the store holds, not from a guess."""
+
+    async def body() -> None:
+        store = Scripted()
+        config = RuntimeConfig(commit_retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1))
+        async with open_runtime(store, ENV, Counter, config) as runtime:
+            assert await runtime.invoke(A, "increment") == 1
+            store.plan = ["applied_unknown", "unavailable"]
+            with pytest.raises(CommitUnknownResult):
+                await runtime.invoke(A, "increment")
+            assert await runtime.invoke(A, "get") == 2  # the store has it
+            assert await runtime.invoke(A, "increment") == 3
+
+    run(body)
+
+
+def test_an_actor_s_own_timeout_is_not_the_runtime_s() -> None:
+    class Impatient(Counter):
+        async def handle(self, ctx: ActorContext, message: Any) -> Any:
+            with trio.fail_after(0.1):
+                await trio.sleep(1)
+
+    async def body() -> None:
+        async with open_runtime(MemoryStore(), ENV, Impatient) as runtime:
+            with pytest.raises(trio.TooSlowError):
+                await runtime.invoke(A, "x")
+
+    run(body)
+
+
+def test_cancelling_the_runtime_answers_every_waiting_caller() -> None:
+    async def body() -> None:
+        outcomes: list[str] = []
+
+        async def call(runtime: Any, message: str) -> None:
+            try:
+                await runtime.invoke(A, message)
+                outcomes.append("reply")
+            except RuntimeClosed:
+                outcomes.append("closed")
+
+        async with trio.open_nursery() as clients:
+            with trio.CancelScope() as scope:
+                async with open_runtime(MemoryStore(), ENV, Counter) as runtime:
+                    clients.start_soon(call, runtime, "sleep:10")
+                    await trio.sleep(1)
+                    clients.start_soon(call, runtime, "get")
+                    await trio.sleep(1)
+                    scope.cancel()
+                    await trio.sleep(1)
+        assert sorted(outcomes) == ["closed", "closed"]
 
     run(body)
