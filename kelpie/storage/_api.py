@@ -105,7 +105,26 @@ from typing import Self
 KeyValue = tuple[bytes, bytes]
 
 
-class Transaction(abc.ABC):
+class _Closable(abc.ABC):
+    """An async context manager that calls `aclose()` on the way out."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Releases what the object holds."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Transaction(_Closable):
     """One interactive transaction (see the module docstring for the contract)."""
 
     @abc.abstractmethod
@@ -152,19 +171,8 @@ class Transaction(abc.ABC):
     async def aclose(self) -> None:
         """Abandons the transaction unless it committed, and releases what it holds."""
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Store(abc.ABC):
+class Store(_Closable):
     """A transactional key-value store (see the module docstring for the contract)."""
 
     #: The backend's name: memory, sqlite, postgres, fdb, sim.
@@ -180,14 +188,3 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Releases the store's connections and files. Open transactions must be closed first."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

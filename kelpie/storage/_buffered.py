@@ -25,13 +25,11 @@ from kelpie.storage._errors import (
     TransactionClosed,
     TransactionTooLarge,
     TransactionTooOld,
-    ValueTooLarge,
 )
-from kelpie.storage._keys import check_key, check_range, key_after
+from kelpie.storage._keys import check_key, check_range, check_value, key_after
 from kelpie.storage._limits import (
     TRANSACTION_DURATION_MAX_MS,
     TRANSACTION_SIZE_MAX_BYTES,
-    VALUE_SIZE_MAX_BYTES,
 )
 
 #: A half-open key range [begin, end).
@@ -131,6 +129,11 @@ class BufferedTransaction(Transaction):
     async def _commit_writes(self, mutations: Mutations, read_conflicts: list[KeyRange]) -> None:
         """Checks conflicts and applies `mutations` atomically, or raises a StorageError."""
 
+    async def _commit_read_only(self) -> None:
+        """Commits a transaction that wrote nothing: nothing to do, unless the backend's
+        own isolation vouches for reads only at commit (PostgreSQL's SSI)."""
+        await trio.lowlevel.checkpoint()
+
     @abc.abstractmethod
     async def _release(self) -> None:
         """Gives back what the transaction holds (a connection, a snapshot). Called once."""
@@ -191,13 +194,7 @@ class BufferedTransaction(Transaction):
     def set(self, key: bytes, value: bytes) -> None:
         self._check_usable()
         check_key(key)
-        if not isinstance(value, bytes):
-            raise TypeError(f"values are bytes, got {type(value).__name__}")
-        if len(value) > VALUE_SIZE_MAX_BYTES:
-            raise ValueTooLarge(
-                f"value of {len(value)} bytes for key {key[:40]!r} is over the limit of "
-                f"{VALUE_SIZE_MAX_BYTES}; store larger values with write_blob()"
-            )
+        check_value(key, value)
         self._grow(len(key) + len(value))
         self._put(key, value)
 
@@ -239,7 +236,7 @@ class BufferedTransaction(Transaction):
                 )
                 await self._commit_writes(mutations, self._read_conflicts)
             else:
-                await trio.lowlevel.checkpoint()
+                await self._commit_read_only()
         except BaseException:
             self._state = _State.FAILED
             raise

@@ -44,8 +44,7 @@ from kelpie.storage._errors import (
     TransactionTooOld,
     ValueTooLarge,
 )
-from kelpie.storage._keys import check_key, check_range
-from kelpie.storage._limits import VALUE_SIZE_MAX_BYTES
+from kelpie.storage._keys import check_key, check_range, check_value
 
 #: The FoundationDB API version this backend is written against (7.3).
 API_VERSION = 730
@@ -205,13 +204,7 @@ class FdbTransaction(Transaction):
     def set(self, key: bytes, value: bytes) -> None:
         self._check()
         check_key(key)
-        if not isinstance(value, bytes):
-            raise TypeError(f"values are bytes, got {type(value).__name__}")
-        if len(value) > VALUE_SIZE_MAX_BYTES:
-            raise ValueTooLarge(
-                f"value of {len(value)} bytes is over the limit of {VALUE_SIZE_MAX_BYTES}; "
-                "store larger values with write_blob()"
-            )
+        check_value(key, value)
         self._tr.set(self._prefix + key, value)
 
     def clear(self, key: bytes) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import fdb.tuple as _tuple
 
-from kelpie.storage._errors import InvalidKey, InvalidRange, KeyTooLarge
-from kelpie.storage._limits import KEY_SIZE_MAX_BYTES
+from kelpie.storage._errors import InvalidKey, InvalidRange, KeyTooLarge, ValueTooLarge
+from kelpie.storage._limits import KEY_SIZE_MAX_BYTES, VALUE_SIZE_MAX_BYTES
 
 # fdb vendors six 1.11, whose import hook for `fdb.six.moves` predates find_spec and
 # makes every later legacy import lookup warn (an ImportWarning). fdb itself never
@@ -70,6 +70,18 @@ def check_key(key: object) -> bytes:
     if len(key) > KEY_SIZE_MAX_BYTES:
         raise KeyTooLarge(f"key of {len(key)} bytes is over the limit of {KEY_SIZE_MAX_BYTES}")
     return key
+
+
+def check_value(key: bytes, value: object) -> bytes:
+    """`value` if it may be stored under `key`; TypeError or ValueTooLarge otherwise."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"values are bytes, got {type(value).__name__}")
+    if len(value) > VALUE_SIZE_MAX_BYTES:
+        raise ValueTooLarge(
+            f"value of {len(value)} bytes for key {_show(key)} is over the limit of "
+            f"{VALUE_SIZE_MAX_BYTES}; store larger values with write_blob()"
+        )
+    return value
 
 
 def check_range(begin: object, end: object) -> tuple[bytes, bytes]:

@@ -719,7 +719,6 @@ class PostgresTransaction(BufferedTransaction):
         self._reused = False  # whether _conn came from the idle list
         self._begun = False  # whether BEGIN has been sent
         self._failure: StorageError | None = None
-        self._in_commit = False
         # One connection answers one batch at a time; tasks that share this transaction
         # (concurrent reads are allowed) take turns.
         self._lock = trio.Lock()
@@ -795,27 +794,15 @@ class PostgresTransaction(BufferedTransaction):
         if result.command_status != b"COMMIT":
             raise Conflict(f"PostgreSQL rolled the transaction back ({result.command_status!r})")
 
-    async def commit(self) -> None:
-        """Commits; a transaction that wrote nothing still sends COMMIT if it read anything.
-
-        BufferedTransaction commits a transaction without writes on the client
-        alone, but SSI vouches for what a transaction read only once its COMMIT
-        succeeds, so such a commit ends the server's transaction here (and may raise
-        Conflict).
-        """
-        self._in_commit = True
-        try:
-            await super().commit()
-        except BaseException:
-            self._in_commit = False
-            await self._give_back(commit=False)
-            raise
-        self._in_commit = False
+    async def _commit_read_only(self) -> None:
+        """Sends COMMIT if the transaction read anything: SSI vouches for what a transaction
+        read only once its COMMIT succeeds (and may raise Conflict there)."""
+        if self._conn is None:
+            await trio.lowlevel.checkpoint()
+            return
         await self._give_back(commit=True)
 
     async def _release(self) -> None:
-        if self._in_commit:
-            return  # commit() gives the connection back once it knows the outcome
         await self._give_back(commit=False)
 
     async def _give_back(self, *, commit: bool) -> None:
