@@ -18,6 +18,7 @@ import attrs
 from kelpie.env._clock import Clock, SystemClock
 from kelpie.env._events import EventSink, LoggingEventSink
 from kelpie.env._faults import Faults, NoFaults
+from kelpie.env._network import NodeNetwork
 from kelpie.env._rng import Rng
 
 _log = logging.getLogger("kelpie.env")
@@ -32,13 +33,18 @@ class Env:
     faults: Faults
     events: EventSink
     node: str = "local"
+    #: How this node reaches the other nodes of its cluster (None: it runs alone).
+    network: NodeNetwork | None = None
 
     @classmethod
-    def production(cls, *, seed: int | None = None, node: str = "local") -> Env:
+    def production(
+        cls, *, seed: int | None = None, node: str = "local", network: NodeNetwork | None = None
+    ) -> Env:
         """The real world: the system clock, no faults, and an Rng seeded from OS entropy.
 
         The seed is logged at INFO so that ids drawn in production can be traced
-        back; pass `seed` to fix it.
+        back; pass `seed` to fix it. A node of a cluster passes its `network`
+        (a `TcpNetwork`).
         """
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "big")
@@ -49,6 +55,7 @@ class Env:
             faults=NoFaults(),
             events=LoggingEventSink(),
             node=node,
+            network=network,
         )
 
     def fork(self, label: str) -> Env:

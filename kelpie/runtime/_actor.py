@@ -36,9 +36,11 @@ from kelpie.storage import (
 class ActorContext:
     """What an actor sees of the runtime while it activates, handles a message or deactivates."""
 
-    def __init__(self, actor_id: ActorId, env: Env, store: Store) -> None:
+    def __init__(self, actor_id: ActorId, env: Env, store: Store, epoch: int = 0) -> None:
         self.actor_id = actor_id
         self.env = env
+        #: The epoch of the node incarnation this activation runs on (see docs/ACTORS.md).
+        self.epoch = epoch
         self._store = store
         self._writes: dict[bytes, bytes | None] | None = None  # None: not in an invocation
         self._kv_prefix = actor_id.key("kv")

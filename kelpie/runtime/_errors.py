@@ -32,3 +32,45 @@ class RuntimeClosed(ActorError):
 
 class ContextUnavailable(ActorError):
     """The actor used its working memory outside `activate`, `handle` or `deactivate`."""
+
+
+class OwnershipLost(ActorError):
+    """This activation no longer owns its actor (its node's lease lapsed and the actor moved).
+
+    Nothing of the invocation was committed; the runtime routes a retry to the
+    actor's new owner.
+    """
+
+
+class ActorUnavailable(ActorError):
+    """The actor could not be reached now (its owner is unreachable, or this node holds no
+    lease); nothing was delivered. Retry later.
+    """
+
+
+class ActorFailed(ActorError):
+    """The actor raised an exception of its own while handling the message (nothing committed).
+
+    `error_type` names the exception's class; on the node that ran the actor the
+    original exception is also the `__cause__`.
+    """
+
+    def __init__(self, message: str, *, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class InvalidMessage(ActorError):
+    """A message or reply is not a JSON value (None, bool, int, float, str, list, dict with
+    str keys), so it cannot cross between nodes. Nothing was delivered.
+    """
+
+
+class AlreadyApplied(ActorError):
+    """A call with this idempotency key was applied before, but its reply was too large to keep."""
+
+
+class InvocationInterrupted(ActorError):
+    """The node stopped (was cancelled) while the actor handled the message; it may have
+    been applied, as with `CommitUnknownResult`.
+    """

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from kelpie.core import KelpieError
-from kelpie.storage import pack
+from kelpie.storage import pack, tuple_range
 
 #: The longest namespace or id, in characters.
 ACTOR_ID_PART_MAX_CHARS = 128
@@ -51,6 +51,10 @@ class ActorId:
     def key(self, *parts: Any) -> bytes:
         """A store key of this actor's, under ("actor", namespace, id)."""
         return pack(("actor", self.namespace, self.id, *parts))
+
+    def range(self, *parts: Any) -> tuple[bytes, bytes]:
+        """[begin, end) of every key of this actor's under `parts` (`key(*parts, ...)`)."""
+        return tuple_range(("actor", self.namespace, self.id, *parts))
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.id}"

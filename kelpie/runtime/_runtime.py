@@ -1,69 +1,126 @@
-"""The actor runtime of one node: activation on demand, mailboxes, one message at a time.
+"""One node of an actor cluster: activation on demand, mailboxes, routing between nodes.
 
-`open_runtime(store, env, factory)` runs actors until the block ends:
+`open_runtime(store, env, factory)` runs a node until the block ends:
 
     async with open_runtime(store, env, Counter) as runtime:
         reply = await runtime.invoke(ActorId("counter", "a"), "increment")
 
-- An actor is activated on its first message: the runtime makes it with
-  `factory(actor_id)`, loads its state from the store, calls `activate`, and
-  starts one trio task that owns a bounded mailbox (`mailbox_size`). A message
-  to a full mailbox fails at once with `MailboxFull` (back-pressure: nothing
-  was delivered).
+Every runtime is a node of the cluster of all runtimes sharing `store` (one
+node is a cluster of one). It joins with a lease and an epoch
+(kelpie/runtime/_membership.py) and renews the lease every `lease_renew_ms`.
+
+- An invocation goes to the actor's owner (kelpie/runtime/_directory.py): if
+  the actor is active here, into its mailbox; if another live node owns it,
+  over `env.network` to that node; if nobody owns it, to the node the placement
+  policy picks (least loaded by default), which takes it. Routing failures that
+  delivered nothing (a redirect, an owner that moved or is unreachable, a node
+  draining) are retried, with backoff, up to `route_retry`; then the caller
+  gets `ActorUnavailable`.
+- An actor is activated on the node that owns it: the runtime makes it with
+  `factory(actor_id)`, and in one transaction takes ownership and loads its
+  state and its recent idempotency keys; then calls `activate` and starts one
+  trio task with a bounded mailbox (`mailbox_size`). A message to a full
+  mailbox fails at once with `MailboxFull` (back-pressure: nothing delivered).
 - Each actor handles one message at a time, in arrival order; actors run
   concurrently, so a slow actor never holds up another.
 - Each invocation ends in ONE transaction: the working-memory writes the actor
-  made through its context and its state (`dump_state()`, stored through the
-  blob helper, so any size) are committed together, or not at all. That commit
-  only sets keys, so it is idempotent and is retried (`commit_retry`) on
-  conflicts, outages and commit_unknown_result. If `handle` raises, or the
-  commit still fails, the caller gets the error and the actor's state goes
-  back to the last committed one (`load_state`). If the invocation runs past
-  `invocation_timeout_ms` (`InvocationTimeout`), or its commit's outcome stays
-  unknown, the runtime reloads the state from the store before the next
-  message, so it never builds on a guess.
+  made through its context, its state (`dump_state()`, through the blob
+  helper, so any size), and the reply under the call's idempotency key are
+  committed together, or not at all, and only while the activation's record
+  still names this node's epoch (the fence). That commit only sets keys, so it
+  is retried (`commit_retry`) on conflicts, outages and commit_unknown_result.
+  If `handle` raises (the caller gets `ActorFailed`, or the Kelpie error it
+  raised), or the commit fails, the state goes back to the last committed one
+  (`load_state`). After `InvocationTimeout`, or a commit whose outcome stays
+  unknown, the state is reloaded from the store before the next message.
+- A call with an `idempotency_key` is applied at most once: the reply of a
+  committed call is stored with it, and a repeat of the key (a retry after an
+  unknown outcome, a duplicate on the network) gets that reply without running
+  the actor again. An actor remembers its last `idempotency_window` keys.
 - An actor that receives nothing for `idle_timeout_ms` (default 5 minutes) is
   deactivated (`deactivate`, then its task ends); so is the least recently used
-  idle actor when activating one more would pass `active_max`. The next message
-  activates it again, from the store.
-- Leaving the block drains the runtime: new messages get `RuntimeClosed`,
-  messages already in mailboxes are handled, every actor is deactivated.
+  idle actor when activating one more would pass `active_max`. The node keeps
+  owning it, and activates it again from the store on the next message.
+- If the node's lease lapses, every activation it had stops (their commits
+  would be refused), and the node joins again with a new epoch.
+- Leaving the block drains the node: it stops taking new actors, new messages
+  get `RuntimeClosed`, messages already in mailboxes are handled, every actor
+  is deactivated, and the node leaves the cluster, which frees its actors for
+  the other nodes at once.
 
-A caller cancelled while it waits for a reply does not withdraw its message:
-the actor still handles it (and may commit), as with a reply lost on the way.
+Delivery: a call that returns was applied exactly once. A call that fails with
+`CommitUnknownResult`, `InvocationTimeout`, `InvocationInterrupted`, or a
+network `DeliveryUnknown`/`RemoteFailure` may have been applied; retry it with
+the same idempotency key to be sure it is applied once. Any other error means
+nothing was applied.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextvars
+import functools
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
 import outcome
 import trio
 
-from kelpie.env import Env
+from kelpie.core import ConfigError, KelpieError
+from kelpie.env import Env, FrameTooLarge, NetworkError
 from kelpie.runtime._actor import Actor, ActorContext
-from kelpie.runtime._errors import InvocationTimeout, MailboxFull, RuntimeClosed
+from kelpie.runtime._directory import Owner, acquire, fence, locate
+from kelpie.runtime._errors import (
+    ActorFailed,
+    ActorUnavailable,
+    AlreadyApplied,
+    InvocationInterrupted,
+    InvocationTimeout,
+    MailboxFull,
+    OwnershipLost,
+    RuntimeClosed,
+)
 from kelpie.runtime._ids import ActorId
+from kelpie.runtime._membership import LEASE_SAFETY, Membership, NodeRecord, read_node
+from kelpie.runtime._placement import Placement, least_loaded
+from kelpie.runtime._wire import (
+    Redirect,
+    Value,
+    check_idempotency_key,
+    decode_reply,
+    decode_request,
+    decode_value,
+    encode_request,
+    encode_value,
+    reply_error,
+    reply_redirect,
+    reply_value,
+)
 from kelpie.storage import (
+    VALUE_SIZE_MAX_BYTES,
     CommitUnknownResult,
     RetryPolicy,
     StorageError,
     Store,
     Transaction,
     clear_blob,
+    pack,
     read_blob,
     transact,
+    unpack,
     write_blob,
 )
+
+#: Room an idempotency record needs besides its reply.
+_IDEM_OVERHEAD_BYTES = 1_024
 
 
 @attrs.frozen
 class RuntimeConfig:
-    """Limits of one node's runtime (durations in milliseconds)."""
+    """Limits and timings of one node (durations in milliseconds)."""
 
     mailbox_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     idle_timeout_ms: int = attrs.field(default=300_000, validator=attrs.validators.ge(1))
@@ -72,6 +129,42 @@ class RuntimeConfig:
     #: How loading an actor's state, and committing an invocation, retry the store.
     load_retry: RetryPolicy = attrs.Factory(RetryPolicy)
     commit_retry: RetryPolicy = attrs.Factory(RetryPolicy)
+    #: A node's lease on the store's clock, and how often it renews it.
+    lease_duration_ms: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    lease_renew_ms: int = attrs.field(default=2_000, validator=attrs.validators.ge(1))
+    membership_retry: RetryPolicy = attrs.Factory(
+        lambda: RetryPolicy(attempts_max=5, backoff_initial_ms=10, backoff_max_ms=200)
+    )
+    #: How long a call forwarded to another node may take before its outcome is unknown.
+    forward_timeout_ms: int = attrs.field(default=75_000, validator=attrs.validators.ge(1))
+    #: How routing retries when nothing was delivered (redirects, moves, unreachable owners).
+    route_retry: RetryPolicy = attrs.Factory(
+        lambda: RetryPolicy(attempts_max=20, backoff_initial_ms=5, backoff_max_ms=500)
+    )
+    #: How many recent idempotency keys (and their replies) each actor remembers.
+    idempotency_window: int = attrs.field(default=1_000, validator=attrs.validators.ge(1))
+    #: Where an actor nobody owns is activated (kelpie/runtime/_placement.py).
+    placement: Placement = least_loaded
+    #: TESTING ONLY. False skips the ownership re-check inside every commit: a planted
+    #: bug that the cluster scenarios must catch. Never turn it off in production.
+    fencing: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.lease_renew_ms * 2 > self.lease_duration_ms * LEASE_SAFETY:
+            raise ConfigError(
+                f"lease_renew_ms={self.lease_renew_ms} must be at most "
+                f"{LEASE_SAFETY / 2:g} x lease_duration_ms={self.lease_duration_ms}, so a node "
+                "renews at least twice before it stops trusting its lease"
+            )
+
+
+class _NotHandled(Exception):
+    """Internal: the message was not handled (nothing applied); route it again."""
+
+    def __init__(self, error: KelpieError, redirect: NodeRecord | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.redirect = redirect
 
 
 class _Reply:
@@ -79,22 +172,29 @@ class _Reply:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.result: outcome.Outcome[Any] | None = None
+        self.result: outcome.Outcome[bytes] | None = None
 
 
-_Message = tuple[Any, _Reply]
+#: (message, idempotency key, reply)
+_Message = tuple[Any, str | None, _Reply]
 
 
 class _Activation:
     """One active actor: its object, context, mailbox and task state."""
 
-    def __init__(self, actor_id: ActorId, actor: Actor, ctx: ActorContext, size: int) -> None:
+    def __init__(self, actor_id: ActorId, actor: Actor, ctx: ActorContext, size: int, owner: Owner):
         self.actor_id = actor_id
         self.actor = actor
         self.ctx = ctx
+        self.owner = owner
         self.send, self.receive = trio.open_memory_channel[_Message](size)
         self.committed: bytes | None = None
+        #: Recent idempotency keys -> stored reply (None: too large to keep), oldest first.
+        self.replies: collections.OrderedDict[str, bytes | None] = collections.OrderedDict()
+        self.idem_next = 0
         self.stopping = False
+        #: This activation's ownership is gone: it must not run again.
+        self.lost = False
         #: The state in memory may differ from the store's: reload before the actor runs again.
         self.stale = False
         self.busy = False
@@ -109,7 +209,7 @@ class _Activation:
 
 
 class ActorRuntime:
-    """The actors of one node (see the module docstring). Make it with `open_runtime`."""
+    """One node's actors (see the module docstring). Make it with `open_runtime`."""
 
     def __init__(
         self,
@@ -117,70 +217,250 @@ class ActorRuntime:
         env: Env,
         factory: Callable[[ActorId], Actor],
         config: RuntimeConfig,
-        nursery: trio.Nursery,
+        membership: Membership,
     ) -> None:
         self._store = store
         self._env = env
         self._factory = factory
         self._config = config
-        self._nursery = nursery
+        self._membership = membership
+        self._network = env.network
+        self._nursery: trio.Nursery | None = None
+        self._context = contextvars.copy_context()
         self._active: collections.OrderedDict[ActorId, _Activation] = collections.OrderedDict()
         self._closing = False
+        self._nodes: list[NodeRecord] = []
+        self._forwarded = itertools.count()
         #: Activations started and deactivations finished (for tests and benchmarks).
         self.activations = 0
         self.deactivations = 0
+        #: Calls this node forwarded to another node.
+        self.forwards = 0
+
+    @property
+    def name(self) -> str:
+        """The node's name (`env.node`)."""
+        return self._membership.name
+
+    @property
+    def address(self) -> str:
+        """Where other nodes reach this one ("" without a network)."""
+        return self._membership.address
+
+    @property
+    def epoch(self) -> int:
+        """This node incarnation's epoch (0 while it has none: joining again)."""
+        return self._membership.epoch
 
     @property
     def active_count(self) -> int:
-        """How many actors are active (including ones being deactivated)."""
+        """How many actors are active here (including ones being deactivated)."""
         return len(self._active)
 
     def is_active(self, actor_id: ActorId) -> bool:
         act = self._active.get(actor_id)
-        return act is not None and not act.stopping
+        return act is not None and not act.stopping and not act.lost
 
-    async def invoke(self, actor_id: ActorId, message: Any) -> Any:
-        """Delivers `message` to the actor, activating it if needed, and returns its reply.
+    # -- calls ------------------------------------------------------------------------
 
-        Raises what the actor raised, `InvocationTimeout`, a storage error from the
-        commit, `MailboxFull` (nothing delivered) or `RuntimeClosed`.
+    async def invoke(
+        self, actor_id: ActorId, message: Any, *, idempotency_key: str | None = None
+    ) -> Any:
+        """Delivers `message` to the actor, wherever it lives, and returns its reply.
+
+        `message` and the reply are JSON values (kelpie/runtime/_wire.py). Raises
+        the Kelpie error the actor raised, `ActorFailed` for any other exception of
+        the actor's, `InvocationTimeout`, a storage error from the commit,
+        `MailboxFull`, `ActorUnavailable`, `RuntimeClosed`, or a network error
+        (see the module docstring for which of these may have been applied).
         """
         if not isinstance(actor_id, ActorId):
             raise TypeError(f"invoke takes an ActorId, got {type(actor_id).__name__}")
+        check_idempotency_key(idempotency_key)
+        data = encode_value(message, f"the message to {actor_id}")
+        policy = self._config.route_retry
+        hint: NodeRecord | None = None
+        attempt = 1
+        while True:
+            try:
+                return await self._attempt(actor_id, data, idempotency_key, hint)
+            except _NotHandled as exc:
+                if self._closing:
+                    raise RuntimeClosed(
+                        f"the runtime is shutting down; {actor_id} was not invoked"
+                    ) from None
+                if attempt >= policy.attempts_max:
+                    raise ActorUnavailable(
+                        f"{actor_id} could not be reached in {attempt} attempts "
+                        f"(last: {exc.error}); nothing was delivered"
+                    ) from exc.error
+                hint = exc.redirect
+            await trio.sleep(policy.backoff_ms(attempt, self._env.rng) / 1000)
+            attempt += 1
+
+    async def _attempt(
+        self, actor_id: ActorId, data: bytes, key: str | None, hint: NodeRecord | None
+    ) -> Any:
         while True:
             if self._closing:
                 raise RuntimeClosed(f"the runtime is shutting down; {actor_id} was not invoked")
             act = self._active.get(actor_id)
-            if act is None:
+            if act is not None:
+                if act.stopping or act.lost:
+                    await act.stopped.wait()  # deactivating: then route afresh
+                    continue
+                return decode_value(await self._deliver(act, decode_value(data), key))
+            target, hint = (hint if hint is not None else await self._place(actor_id)), None
+            if target.epoch != self.epoch:
+                return await self._forward(target, actor_id, data, key)
+            await self._await_lease()
+            if actor_id not in self._active:  # (it may have been activated meanwhile)
                 act = self._start(actor_id)
-            elif act.stopping:
-                await act.stopped.wait()  # deactivating: then activate it afresh
-                continue
-            break
+                return decode_value(await self._deliver(act, decode_value(data), key))
+
+    async def _place(self, actor_id: ActorId) -> NodeRecord:
+        """The node to send the call to: its owner, or where placement puts it."""
+
+        async def find(tr: Transaction) -> NodeRecord | None:
+            return (await locate(tr, actor_id)).node
+
+        owner = await transact(self._store, find, rng=self._env.rng, policy=self._config.load_retry)
+        if owner is not None:
+            return owner
+        me = NodeRecord(self.epoch, self.name, self.address, 0, len(self._active), self._closing)
+        nodes = [node for node in self._nodes if node.epoch != me.epoch]
+        nodes.append(me)
+        return self._config.placement(nodes, me, self._env.rng)
+
+    async def _deliver(self, act: _Activation, message: Any, key: str | None) -> bytes:
         reply = _Reply()
         try:
-            act.send.send_nowait((message, reply))
+            act.send.send_nowait((message, key, reply))
         except trio.WouldBlock:
             raise MailboxFull(
-                f"the mailbox of {actor_id} holds {self._config.mailbox_size} messages; retry later"
+                f"the mailbox of {act.actor_id} holds {self._config.mailbox_size} messages; "
+                "retry later"
             ) from None
         act.last_used_s = trio.current_time()
-        self._active.move_to_end(actor_id)
+        self._active.move_to_end(act.actor_id)
         await reply.done.wait()
         assert reply.result is not None
         return reply.result.unwrap()
 
+    async def _forward(
+        self, node: NodeRecord, actor_id: ActorId, data: bytes, key: str | None
+    ) -> Any:
+        if self._network is None or not node.address:
+            raise ActorUnavailable(
+                f"{actor_id} is owned by node {node.name} (epoch {node.epoch}), and "
+                f"{'this node has no network' if self._network is None else 'it has no address'}"
+            )
+        if key is None:  # a duplicate on the network must not apply twice
+            key = f"fwd:{self.epoch}:{next(self._forwarded)}"
+        self.forwards += 1
+        try:
+            raw = await self._network.request(
+                node.address,
+                encode_request(actor_id, data, key),
+                timeout_ms=self._config.forward_timeout_ms,
+            )
+        except FrameTooLarge:
+            raise
+        except NetworkError as exc:
+            if exc.maybe_delivered:
+                raise
+            raise _NotHandled(ActorUnavailable(f"node {node.name} is unreachable: {exc}")) from None
+        result = decode_reply(raw)
+        if isinstance(result, Value):
+            return result.value
+        if isinstance(result, Redirect):
+            target = NodeRecord(result.epoch, "?", result.address, 0, 0, False)
+            raise _NotHandled(ActorUnavailable(f"{actor_id} moved"), redirect=target)
+        if type(result) in (OwnershipLost, ActorUnavailable, RuntimeClosed):
+            raise _NotHandled(result)
+        raise result
+
+    async def handle_request(self, payload: bytes) -> bytes:
+        """Answers an invocation forwarded by another node (the network's handler)."""
+        try:
+            actor_id, message, key = decode_request(payload)
+            return reply_value(await self._serve_call(actor_id, message, key))
+        except _NotHandled as exc:
+            if exc.redirect is not None:
+                return reply_redirect(exc.redirect.address, exc.redirect.epoch)
+            return reply_error(exc.error)
+        except KelpieError as exc:
+            return reply_error(exc)
+
+    async def _serve_call(self, actor_id: ActorId, message: Any, key: str | None) -> bytes:
+        while True:
+            act = self._active.get(actor_id)
+            if act is None:
+                if self._closing:
+                    raise _NotHandled(RuntimeClosed(f"node {self.name} is leaving the cluster"))
+                await self._await_lease()
+                if actor_id in self._active:
+                    continue
+                act = self._start(actor_id)
+            elif act.stopping or act.lost:
+                await act.stopped.wait()
+                continue
+            return await self._deliver(act, message, key)
+
+    # -- the lease --------------------------------------------------------------------
+
+    async def _await_lease(self) -> None:
+        """Returns once this node may act; `ActorUnavailable` if that does not come soon."""
+        membership = self._membership
+        if membership.holds_lease():
+            return
+        with trio.move_on_after(self._config.lease_duration_ms / 1000):
+            while not membership.holds_lease():
+                await membership.lease_changed.wait()
+            return
+        raise _NotHandled(
+            ActorUnavailable(
+                f"node {self.name} holds no lease (is the store reachable?); nothing was delivered"
+            )
+        )
+
+    async def keep_lease(self) -> None:
+        """Renews the lease until cancelled; after a lapse, stops every actor and joins again."""
+        renew_s = self._config.lease_renew_ms / 1000
+        while True:
+            await trio.sleep(renew_s)
+            try:
+                if self._membership.epoch == 0 or not await self._membership.renew(
+                    load=len(self._active), draining=self._closing
+                ):
+                    await self._rejoin()
+                self._nodes = await self._membership.live_nodes()
+            except StorageError:
+                continue  # the next round tries again; past the deadline the node waits
+
+    async def _rejoin(self) -> None:
+        for act in list(self._active.values()):
+            act.lost = True
+            act.request_stop()
+        await self._membership.join(load=len(self._active))
+
     # -- activations ------------------------------------------------------------------
 
     def _start(self, actor_id: ActorId) -> _Activation:
+        assert self._nursery is not None
         cap = self._config.active_max
         if len(self._active) >= cap and sum(not a.stopping for a in self._active.values()) >= cap:
             self._evict_one()
-        ctx = ActorContext(actor_id, self._env, self._store)
-        act = _Activation(actor_id, self._factory(actor_id), ctx, self._config.mailbox_size)
+        owner = Owner(self.epoch, self.name)
+        ctx = ActorContext(actor_id, self._env, self._store, owner.epoch)
+        act = _Activation(actor_id, self._factory(actor_id), ctx, self._config.mailbox_size, owner)
         self._active[actor_id] = act
         self.activations += 1
-        self._nursery.start_soon(self._serve, act, name=f"actor {actor_id}")
+        # The actor's task belongs to this node, not to the caller that woke it: it runs in
+        # the node's context (context variables as they were when the node started).
+        self._context.run(
+            functools.partial(self._nursery.start_soon, name=f"actor {actor_id}"), self._serve, act
+        )
         return act
 
     def _evict_one(self) -> None:
@@ -193,48 +473,62 @@ class ActorRuntime:
     async def _serve(self, act: _Activation) -> None:
         try:
             try:
-                await self._load(act)
-                await self._in_transaction(act, act.actor.activate)
+                await self._activate(act)
             except Exception as exc:  # the activation failed: so does every waiting message
                 act.stopping = True
                 failure = exc
                 self._fail_pending(act, lambda: failure)
                 return
             await self._loop(act)
-            with contextlib.suppress(Exception):  # its writes are lost; the actor is going away
-                await self._in_transaction(act, act.actor.deactivate)
+            if not act.lost:
+                with contextlib.suppress(Exception):  # its writes are lost; it is going away
+                    await self._in_transaction(act, act.actor.deactivate, None)
         finally:
             act.stopping = True
             self._fail_pending(
-                act, lambda: RuntimeClosed(f"the runtime stopped before {act.actor_id} took this")
+                act,
+                lambda: _NotHandled(RuntimeClosed(f"{act.actor_id} stopped before taking this")),
             )
             del self._active[act.actor_id]
             self.deactivations += 1
             act.stopped.set()
 
+    async def _activate(self, act: _Activation) -> None:
+        owner = await self._load(act)
+        if owner is not None:
+            act.lost = True
+            raise _NotHandled(
+                ActorUnavailable(f"{act.actor_id} is owned by node {owner.name}"), redirect=owner
+            )
+        self._env.emit("actor.activated", actor=str(act.actor_id), epoch=act.owner.epoch)
+        await self._in_transaction(act, act.actor.activate, None)
+
     async def _loop(self, act: _Activation) -> None:
         idle_s = self._config.idle_timeout_ms / 1000
-        while True:
+        while not act.lost:
             try:
-                message, reply = act.receive.receive_nowait()
+                message, key, reply = act.receive.receive_nowait()
             except trio.WouldBlock:
                 if act.stopping:
                     return
                 with trio.move_on_at(act.last_used_s + idle_s) as waiting:
                     act.idle_scope = waiting
-                    message, reply = await act.receive.receive()
+                    message, key, reply = await act.receive.receive()
                 act.idle_scope = None
                 if waiting.cancelled_caught:
                     act.stopping = True  # idle, evicted or shut down: drain, then stop
                     continue
             act.busy = True
             try:
-                value = await self._invoke(act, message)
+                value = await self._invoke(act, message, key)
             except Exception as exc:
                 reply.result = outcome.Error(exc)
             except BaseException:  # Cancelled: the runtime is torn down; answer, then go
                 reply.result = outcome.Error(
-                    RuntimeClosed(f"the runtime stopped while {act.actor_id} handled this message")
+                    InvocationInterrupted(
+                        f"the node stopped while {act.actor_id} handled this message; "
+                        "it may have been applied"
+                    )
                 )
                 reply.done.set()
                 raise
@@ -248,7 +542,7 @@ class ActorRuntime:
     def _fail_pending(self, act: _Activation, error: Callable[[], Exception]) -> None:
         while True:
             try:
-                _, reply = act.receive.receive_nowait()
+                _, _, reply = act.receive.receive_nowait()
             except trio.WouldBlock:
                 return
             reply.result = outcome.Error(error())
@@ -256,30 +550,64 @@ class ActorRuntime:
 
     # -- one invocation ---------------------------------------------------------------
 
-    async def _load(self, act: _Activation) -> None:
-        key = act.actor_id.key("state")
+    async def _load(self, act: _Activation) -> NodeRecord | None:
+        """Takes ownership and loads state and recent idempotency keys (or names the owner)."""
+        state_key = act.actor_id.key("state")
+        begin, end = act.actor_id.range("idem")
+        window = self._config.idempotency_window
+        owner = act.owner
 
-        async def read(tr: Transaction) -> bytes | None:
-            return await read_blob(tr, key)
+        async def read(tr: Transaction) -> tuple[NodeRecord | None, bytes | None, list[Any]]:
+            mine = await read_node(tr, owner.epoch)
+            if mine is None or not mine.live_at(await tr.read_version()):
+                raise _NotHandled(
+                    OwnershipLost(f"node {self.name}'s lease (epoch {owner.epoch}) has lapsed")
+                )
+            other = await acquire(tr, act.actor_id, owner)
+            if other is not None:
+                return other, None, []
+            data = await read_blob(tr, state_key)
+            rows = await tr.get_range(begin, end, limit=window, reverse=True)
+            return None, data, rows
 
-        data = await transact(self._store, read, rng=self._env.rng, policy=self._config.load_retry)
+        other, data, rows = await transact(
+            self._store, read, rng=self._env.rng, policy=self._config.load_retry
+        )
+        if other is not None:
+            return other
         act.committed = data
         act.actor.load_state(data)
+        act.replies.clear()
+        for _, value in reversed(rows):
+            idem_key, reply = unpack(value)
+            act.replies[idem_key] = reply
+        act.idem_next = unpack(rows[0][0])[-1] + 1 if rows else 0
+        return None
 
-    async def _invoke(self, act: _Activation, message: Any) -> Any:
-        result: list[Any] = []
+    async def _invoke(self, act: _Activation, message: Any, key: str | None) -> bytes:
+        result: list[bytes] = []
 
         async def call(ctx: ActorContext) -> None:
-            result.append(await act.actor.handle(ctx, message))
+            try:
+                value = await act.actor.handle(ctx, message)
+            except KelpieError:
+                raise
+            except Exception as exc:
+                raise ActorFailed(
+                    f"{act.actor_id} raised {type(exc).__name__}: {exc}",
+                    error_type=type(exc).__name__,
+                ) from exc
+            result.append(encode_value(value, f"the reply of {act.actor_id}"))
 
-        await self._in_transaction(act, call)
-        return result[0]
+        stored = await self._in_transaction(act, call, key, result)
+        return result[0] if stored is None else stored
 
     async def _reload(self, act: _Activation) -> None:
         """Makes memory match the store; if the store cannot say, the next use reloads first."""
         act.stale = True
         with contextlib.suppress(Exception):  # the caller gets the original error
-            await self._load(act)
+            if await self._load(act) is not None:
+                act.lost = True
             act.stale = False
 
     async def _commit(
@@ -287,12 +615,19 @@ class ActorRuntime:
         act: _Activation,
         writes: dict[bytes, bytes | None],
         state: bytes | None,
+        idem: tuple[str, bytes | None] | None,
         on_retry: Callable[[StorageError, int], None],
     ) -> None:
-        """Commits an invocation's writes and state: blind sets, so retrying is safe."""
+        """Commits an invocation's writes, state and reply: blind sets, so retrying is safe."""
         key = act.actor_id.key("state")
+        owner = act.owner
+        fencing = self._config.fencing
+        seq = act.idem_next
+        window = self._config.idempotency_window
 
         async def commit(tr: Transaction) -> None:
+            if fencing:
+                await fence(tr, act.actor_id, owner)
             for full, value in writes.items():
                 if value is None:
                     tr.clear(full)
@@ -303,6 +638,10 @@ class ActorRuntime:
                     clear_blob(tr, key)
                 else:
                     write_blob(tr, key, state)
+            if idem is not None:
+                tr.set(act.actor_id.key("idem", seq), pack(idem))
+                if seq >= window:
+                    tr.clear(act.actor_id.key("idem", seq - window))
 
         await transact(
             self._store,
@@ -311,14 +650,54 @@ class ActorRuntime:
             policy=self._config.commit_retry,
             on_retry=on_retry,
         )
+        if idem is not None:
+            act.replies[idem[0]] = idem[1]
+            act.idem_next = seq + 1
+            while len(act.replies) > window:
+                act.replies.popitem(last=False)
+
+    async def _check_owner(self, act: _Activation) -> None:
+        """Raises `_NotHandled` unless this activation may still act for its actor."""
+        if not self._membership.holds_lease():
+            await self._await_lease()
+        if act.lost or act.owner.epoch != self._membership.epoch:
+            act.lost = True
+            raise _NotHandled(
+                OwnershipLost(f"{act.actor_id}'s activation belongs to an earlier epoch")
+            )
+
+    async def _prepare(self, act: _Activation, key: str | None) -> bytes | None:
+        """Readies the activation for a call; returns the stored reply if `key` was applied."""
+        await self._check_owner(act)
+        if act.stale:
+            if await self._load(act) is not None:  # raises: this message fails; still stale
+                act.lost = True
+                raise _NotHandled(OwnershipLost(f"{act.actor_id} moved to another node"))
+            act.stale = False
+        if key is None or key not in act.replies:
+            return None
+        stored = act.replies[key]
+        if stored is None:
+            raise AlreadyApplied(
+                f"the call with idempotency key {key!r} to {act.actor_id} was applied "
+                "before; its reply was too large to keep"
+            )
+        return stored
 
     async def _in_transaction(
-        self, act: _Activation, body: Callable[[ActorContext], Awaitable[None]]
-    ) -> None:
-        """Runs `body`, then commits its writes with the actor's state, or rolls back."""
-        if act.stale:
-            await self._load(act)  # raises: this message fails, and the actor stays stale
-            act.stale = False
+        self,
+        act: _Activation,
+        body: Callable[[ActorContext], Awaitable[None]],
+        key: str | None,
+        result: list[bytes] | None = None,
+    ) -> bytes | None:
+        """Runs `body`, then commits its writes with the actor's state, or rolls back.
+
+        Returns the stored reply when `key` was applied before (then `body` does not run).
+        """
+        stored = await self._prepare(act, key)
+        if stored is not None:
+            return stored
         timeout_s = self._config.invocation_timeout_ms / 1000
         writes: dict[bytes, bytes | None] = {}
         committing = False
@@ -338,7 +717,7 @@ class ActorRuntime:
                 state = act.actor.dump_state()
                 if writes or state != act.committed:
                     committing = True
-                    await self._commit(act, writes, state, on_retry)
+                    await self._commit(act, writes, state, _idem(key, result), on_retry)
         except Exception as exc:
             if isinstance(exc, CommitUnknownResult):
                 await self._reload(act)  # the state may or may not be stored: ask the store
@@ -350,6 +729,10 @@ class ActorRuntime:
                     "attempt whose outcome is unknown; it may have applied"
                 ) from exc
             act.actor.load_state(act.committed)
+            if isinstance(exc, OwnershipLost):
+                act.lost = True
+                self._env.emit("actor.fenced", actor=str(act.actor_id), epoch=act.owner.epoch)
+                raise _NotHandled(exc) from None
             raise
         except BaseException:  # Cancelled: no time to ask the store
             if committing:
@@ -364,6 +747,37 @@ class ActorRuntime:
                 "its commit, if one was under way, may have applied"
             )
         act.committed = state
+        return None
+
+
+def _idem(key: str | None, result: list[bytes] | None) -> tuple[str, bytes | None] | None:
+    """The idempotency record a committing call stores: its key and reply (if it fits)."""
+    if key is None or not result:
+        return None
+    reply = result[0]
+    keep = len(reply) + len(key) + _IDEM_OVERHEAD_BYTES <= VALUE_SIZE_MAX_BYTES
+    return key, reply if keep else None
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """Raises a lone error out of nurseries as itself, not wrapped in exception groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        error = leaves[0]
+    else:
+        return
+    raise error
 
 
 @contextlib.asynccontextmanager
@@ -373,12 +787,52 @@ async def open_runtime(
     factory: Callable[[ActorId], Actor],
     config: RuntimeConfig = RuntimeConfig(),
 ) -> AsyncIterator[ActorRuntime]:
-    """Runs a node's actors for the duration of the block, then drains them (module docstring)."""
-    async with trio.open_nursery() as nursery:
-        runtime = ActorRuntime(store, env, factory, config, nursery)
-        try:
+    """Runs a node for the duration of the block, then drains it (module docstring).
+
+    The node serves other nodes over `env.network` when it has one, and is named
+    `env.node`.
+    """
+    with _one_error():
+        async with _open_node(store, env, factory, config) as runtime:
             yield runtime
+
+
+@contextlib.asynccontextmanager
+async def _open_node(
+    store: Store, env: Env, factory: Callable[[ActorId], Actor], config: RuntimeConfig
+) -> AsyncIterator[ActorRuntime]:
+    async with trio.open_nursery() as services:
+        address = ""
+        runtime: ActorRuntime | None = None
+
+        async def handle(payload: bytes) -> bytes:
+            if runtime is None:  # not joined yet: nothing can be owned here
+                return reply_error(ActorUnavailable(f"node {env.node} is starting"))
+            return await runtime.handle_request(payload)
+
+        if env.network is not None:
+            address = await services.start(env.network.serve, handle)
+        membership = Membership(
+            store,
+            env,
+            address=address,
+            lease_duration_ms=config.lease_duration_ms,
+            retry=config.membership_retry,
+        )
+        await membership.join()
+        runtime = ActorRuntime(store, env, factory, config, membership)
+        services.start_soon(runtime.keep_lease, name=f"lease {env.node}")
+        try:
+            async with trio.open_nursery() as actors:
+                runtime._nursery = actors
+                try:
+                    runtime._nodes = await membership.live_nodes()
+                    yield runtime
+                finally:
+                    runtime._closing = True
+                    for act in list(runtime._active.values()):
+                        act.request_stop()
+            with contextlib.suppress(StorageError):  # else its lease lapses by itself
+                await membership.leave()
         finally:
-            runtime._closing = True
-            for act in list(runtime._active.values()):
-                act.request_stop()
+            services.cancel_scope.cancel()

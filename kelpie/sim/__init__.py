@@ -7,7 +7,9 @@ docs/SIMULATION.md for how to run, reproduce and read a simulated run.
 
 from kelpie.sim._clock import NodeWallClock, VirtualClock
 from kelpie.sim._faults import ClockFaults, FaultConfig, SimFaults, SiteRecord
+from kelpie.sim._network import NetworkFaults, SimEndpoint, SimNetwork
 from kelpie.sim._nodes import SimNode
+from kelpie.sim._pauses import NodePauses, PauseFaults
 from kelpie.sim._result import Failure, FailureKind, RunResult
 from kelpie.sim._sanitizer import DeterminismViolation, Finding, Sanitizer
 from kelpie.sim._scenario import Scenario, Workload, run_scenario
@@ -44,7 +46,10 @@ __all__ = [
     "FaultConfig",
     "FifoChoices",
     "Finding",
+    "NetworkFaults",
+    "NodePauses",
     "NodeWallClock",
+    "PauseFaults",
     "RandomChoices",
     "RecordedTransaction",
     "ReplayChoices",
@@ -55,7 +60,9 @@ __all__ = [
     "SchedulingController",
     "SimConfig",
     "SimContext",
+    "SimEndpoint",
     "SimFaults",
+    "SimNetwork",
     "SimNode",
     "SimStore",
     "SimTransaction",

@@ -15,9 +15,17 @@ Fault model (what this module injects, and what it does not):
   kelpie/sim/_clock.py). Monotonic time is never faulted.
 - Storage faults (`StorageFaults`, injected by the simulated store; its fault
   model is the docstring of kelpie/sim/_storage.py).
-- Not injected here: network, crash, LLM, MCP and sandbox faults: each arrives
-  with its simulated component in a later issue and is listed in
-  docs/SIMULATION.md when it does.
+- Network faults (`NetworkFaults`, injected by the simulated node network:
+  delay and reordering, loss, duplication, partitions and clogs; its fault
+  model is the docstring of kelpie/sim/_network.py).
+- Node pauses (`PauseFaults`: a node's process stops for a while and does no
+  storage or network I/O; see kelpie/sim/_pauses.py).
+- Crashes are not a configured fault: a scenario crashes a node by cancelling
+  its tasks (and restarts it by starting them again); what survives is what the
+  store committed.
+- Not injected yet: LLM, MCP and sandbox faults: each arrives with its
+  simulated component in a later issue and is listed in docs/SIMULATION.md
+  when it does.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from collections.abc import Callable
 import attrs
 
 from kelpie.env import Rng, check_site_name
+from kelpie.sim._network import NetworkFaults
+from kelpie.sim._pauses import PauseFaults
 from kelpie.sim._storage import StorageFaults
 
 
@@ -57,6 +67,8 @@ class FaultConfig:
     buggify_fire_p: float = 0.25
     clock: ClockFaults = attrs.Factory(ClockFaults)
     storage: StorageFaults = attrs.Factory(StorageFaults)
+    network: NetworkFaults = attrs.Factory(NetworkFaults)
+    pauses: PauseFaults = attrs.Factory(PauseFaults)
 
     def describe(self) -> str:
         """One line naming every fault setting."""
@@ -65,7 +77,10 @@ class FaultConfig:
             if self.buggify
             else "buggify(off)"
         )
-        return f"{bug} clock({self.clock.describe()}) storage({self.storage.describe()})"
+        return (
+            f"{bug} clock({self.clock.describe()}) storage({self.storage.describe()}) "
+            f"network({self.network.describe()}) pauses({self.pauses.describe()})"
+        )
 
 
 @attrs.define

@@ -18,7 +18,12 @@ import trio
 from kelpie.env import Env
 from kelpie.sim._clock import NodeWallClock
 
-CURRENT_NODE: contextvars.ContextVar[str] = contextvars.ContextVar("kelpie_sim_node", default="-")
+#: The node name of tasks outside every simulated node (the simulator's own task).
+OUTSIDE_NODES = "-"
+
+CURRENT_NODE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "kelpie_sim_node", default=OUTSIDE_NODES
+)
 
 
 @attrs.frozen

@@ -45,7 +45,9 @@ from kelpie.env import Env, Rng
 from kelpie.sim import _trio_hooks
 from kelpie.sim._clock import NodeWallClock, VirtualClock
 from kelpie.sim._faults import FaultConfig, SimFaults
+from kelpie.sim._network import SimNetwork
 from kelpie.sim._nodes import CURRENT_NODE, SimNode
+from kelpie.sim._pauses import NodePauses
 from kelpie.sim._result import Failure, FailureKind, RunResult
 from kelpie.sim._sanitizer import DeterminismViolation, Sanitizer
 from kelpie.sim._scheduler import (
@@ -122,6 +124,20 @@ class SimContext:
     def store(self) -> SimStore:
         """The cluster's one simulated store, with this run's storage faults (made on first use)."""
         return self._run.get_store()
+
+    @property
+    def network(self) -> SimNetwork:
+        """The run's simulated node network (each node's `env.network` is its endpoint).
+
+        For explicit faults: `partition(...)`, `clog(...)`, `heal(quiet=True)`,
+        `quiesce()`.
+        """
+        return self._run.network
+
+    @property
+    def pauses(self) -> NodePauses:
+        """The run's node pauses: `pause(node, duration_s)`, and `quiesce()` for liveness."""
+        return self._run.pauses
 
     def node(self, name: str) -> SimNode:
         for node in self.nodes:
@@ -212,6 +228,15 @@ class _Run:
         self.controller = SchedulingController(self._choice_source())
         self.faults = SimFaults(self.rng.fork("faults"), config.faults, self._on_buggify)
         self.tracer = _Tracer(self)
+        self.pauses = NodePauses(
+            self.rng.fork("pauses"), config.faults.pauses, on_fault=self._on_pause
+        )
+        self.network = SimNetwork(
+            self.rng.fork("network"),
+            config.faults.network,
+            on_fault=self._on_network_fault,
+            pauses=self.pauses,
+        )
         self.nodes = tuple(self._make_node(i) for i in range(config.nodes))
         self.sanitizer = Sanitizer(
             rng=self.rng.fork("sanitizer"),
@@ -258,6 +283,7 @@ class _Run:
             faults=self.faults,
             events=_TraceSink(self, name),
             node=name,
+            network=self.network.endpoint(name),
         )
         return SimNode(name=name, env=env, clock=clock)
 
@@ -287,11 +313,18 @@ class _Run:
                 self.rng.fork("storage"),
                 self.config.faults.storage,
                 on_fault=self._on_storage_fault,
+                pauses=self.pauses,
             )
         return self._store
 
     def _on_storage_fault(self, kind: str, fields: dict[str, object]) -> None:
         self.emit(CURRENT_NODE.get(), "storage.fault", {"kind": kind, **fields})
+
+    def _on_network_fault(self, kind: str, fields: dict[str, object]) -> None:
+        self.emit(CURRENT_NODE.get(), "network.fault", {"kind": kind, **fields})
+
+    def _on_pause(self, kind: str, fields: dict[str, object]) -> None:
+        self.emit(CURRENT_NODE.get(), "node.pause", {"kind": kind, **fields})
 
     def _on_buggify(self, site: str) -> None:
         self.emit(CURRENT_NODE.get(), "buggify", {"site": site})

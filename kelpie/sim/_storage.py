@@ -22,6 +22,10 @@ Fault model (what `SimStore` injects, and what it never does):
 - Corruption: with probability corruption_p a read hands back the stored bytes
   with one bit flipped; the checksum catches it and the read raises
   `CorruptionDetected` (retryable). A corrupted value is never served.
+- Node pauses: with a `NodePauses` (kelpie/sim/_pauses.py), a paused node
+  does no storage I/O: its reads wait out the pause, and so does its commit,
+  both before the commit point and right after it (a process that committed,
+  then stalled before it learnt so), while other nodes' transactions go on.
 - Never injected: stale reads (strict serializability is the contract), lost or
   partial commits (a commit is applied whole or not at all), or corruption of
   the stored copy.
@@ -29,6 +33,9 @@ Fault model (what `SimStore` injects, and what it never does):
   committed data survive, and a transaction it had not committed writes nothing.
   Cancelled during `commit()`, the commit may have been applied, as with
   commit_unknown_result.
+
+`quiesce()` stops every fault from then on (latency remains, and an outage
+under way ends on its own), for a scenario's liveness phase.
 
 Every injected fault is a trace row (`storage.fault`) and is counted in
 `SimStore.injected`. The store also records the committed history (what each
@@ -46,6 +53,7 @@ import trio
 
 from kelpie.env import Rng
 from kelpie.sim._nodes import CURRENT_NODE
+from kelpie.sim._pauses import NodePauses
 from kelpie.storage import (
     BufferedTransaction,
     CommitUnknownResult,
@@ -123,8 +131,13 @@ class SimStore(Store):
         *,
         on_fault: Callable[[str, dict[str, object]], None] | None = None,
         check_conflicts: bool = True,
+        pauses: NodePauses | None = None,
     ) -> None:
-        """`check_conflicts=False` plants a bug (no conflict detection) for tests of checkers."""
+        """`check_conflicts=False` plants a bug (no conflict detection) for tests of checkers.
+
+        With `pauses`, each node's reads and commits wait out its pauses (the node
+        is the transaction's task's `CURRENT_NODE`).
+        """
         self.inner = MemoryStore()
         self.faults = faults
         self.check_conflicts = check_conflicts
@@ -132,8 +145,10 @@ class SimStore(Store):
         self.injected: dict[str, int] = {}
         self._rng = rng
         self._on_fault = on_fault
+        self._pauses = pauses
         self._outage_until = -1.0
         self._next_outage: float | None = None
+        self._quiet = False
 
     def transaction(self) -> SimTransaction:
         return SimTransaction(self)
@@ -159,30 +174,47 @@ class SimStore(Store):
         else:
             await trio.lowlevel.checkpoint()
 
-    def _check_outage(self) -> None:
+    def quiesce(self) -> None:
+        """From now on no storage fault is injected (a liveness phase); latency remains.
+
+        An outage under way still ends on its own.
+        """
+        if self.faults.outage_rate_per_s:
+            self._check_outage(refuse=False)
+        self._quiet = True
+
+    def _check_outage(self, *, refuse: bool = True) -> None:
         rate = self.faults.outage_rate_per_s
         if not rate:
             return
         now = trio.current_time()
         if self._next_outage is None:
             self._next_outage = now + self._rng.expovariate(rate)
-        while now >= self._next_outage:
+        while now >= self._next_outage and not self._quiet:
             duration_s = self._rng.uniform(0, self.faults.outage_max_ms) / 1000
             self._outage_until = self._next_outage + duration_s
             self._inject("outage", seconds=round(duration_s, 6))
             self._next_outage = self._outage_until + self._rng.expovariate(rate)
-        if now < self._outage_until:
+        if refuse and now < self._outage_until:
             self._inject("outage_refusal")
             raise StorageUnavailable("simulated outage: the store is unreachable")
 
+    async def _gate(self) -> None:
+        """Waits while the current node is paused (no checkpoint when it is not)."""
+        if self._pauses is not None:
+            await self._pauses.gate(CURRENT_NODE.get())
+
     async def _before_read(self) -> None:
+        await self._gate()
         await self._delay()
         self._check_outage()
-        if self._rng.chance(self.faults.read_error_p):
+        if not self._quiet and self._rng.chance(self.faults.read_error_p):
             self._inject("read_error")
             raise StorageUnavailable("simulated read failure")
 
     def _commit_fault(self) -> str | None:
+        if self._quiet:
+            return None
         f = self.faults
         draw = self._rng.random()
         for kind, p in (
@@ -203,7 +235,8 @@ class SimStore(Store):
         return value + zlib.crc32(value, zlib.crc32(key)).to_bytes(_CRC, "big")
 
     def _unseal(self, key: bytes, sealed: bytes, *, faulty: bool = True) -> bytes:
-        if faulty and self.faults.corruption_p and self._rng.chance(self.faults.corruption_p):
+        corruption_p = 0.0 if self._quiet else self.faults.corruption_p
+        if faulty and corruption_p and self._rng.chance(corruption_p):
             bit = self._rng.randrange(len(sealed) * 8)
             flipped = bytearray(sealed)
             flipped[bit // 8] ^= 1 << (bit % 8)
@@ -295,6 +328,7 @@ class SimTransaction(BufferedTransaction):
 
     async def _commit_writes(self, mutations: Mutations, read_conflicts: list[KeyRange]) -> None:
         sim = self._sim
+        await sim._gate()  # a paused node does not send its commit
         await sim._delay(0.5)
         sim._check_outage()
         fault = sim._commit_fault()
@@ -325,6 +359,7 @@ class SimTransaction(BufferedTransaction):
                 self._node, self._read_at, version, tuple(self.snapshot_reads), mutations
             )
         )
+        await sim._gate()  # committed, then stalled before the reply
         if fault == "unknown_applied":
             sim._inject(fault)
             raise CommitUnknownResult("simulated: the commit's outcome is unknown")

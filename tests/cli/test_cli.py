@@ -170,12 +170,21 @@ def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
     """Acceptance: 200 seeds of every deterministic scenario hash identically in fresh processes."""
     names = [
         arg
-        for name in ("actors", "bank", "cycle", "race", "race_fixed", "ring", "deadlock")
+        for name in ("actors", "bank", "cluster", "cycle", "race", "race_fixed", "ring", "deadlock")
         for arg in ("--scenario", name)
     ]
     done = kelpie("sim", "--check-determinism", "--seeds", "200", *names, timeout=3000)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    assert "deterministic: 1400 runs" in done.stdout
+    assert "deterministic: 1600 runs" in done.stdout
+
+
+@pytest.mark.slow
+def test_sweep_catches_the_cluster_without_its_commit_fence() -> None:
+    """Acceptance: a 200-seed sweep of `cluster_unfenced` (fencing switched off) fails."""
+    done = kelpie("sweep", "--seeds", "200", "--scenario", "cluster_unfenced", timeout=3000)
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "single activation violated" in done.stdout
+    assert "reproduce: DST_SEED=" in done.stdout
 
 
 @pytest.mark.slow

@@ -15,9 +15,11 @@ from kelpie.env import Env
 from kelpie.runtime import (
     Actor,
     ActorContext,
+    ActorFailed,
     ActorId,
     ContextUnavailable,
     InvalidActorId,
+    InvocationInterrupted,
     InvocationTimeout,
     MailboxFull,
     RuntimeClosed,
@@ -77,7 +79,8 @@ class Counter(Actor):
                 await trio.sleep(float(message.split(":")[1]))
                 return "slept"
             if message == "last":
-                return await ctx.kv_get(b"last")
+                last = await ctx.kv_get(b"last")
+                return None if last is None else last.decode()
             if message == "big":
                 self.value += 1
                 return len(self.dump_state() or b"")
@@ -126,7 +129,7 @@ def test_state_survives_deactivation_and_a_new_runtime(tmp_path: Path) -> None:
             assert Counter.log == ["activate a at 0", "deactivate a at 3"]
             async with open_runtime(store, ENV, Counter) as runtime:
                 assert await runtime.invoke(A, "get") == 3
-                assert await runtime.invoke(A, "last") == b"3"
+                assert await runtime.invoke(A, "last") == "3"
         finally:
             await store.aclose()
 
@@ -160,10 +163,12 @@ def test_a_failed_invocation_commits_nothing_and_rolls_the_state_back() -> None:
     async def body() -> None:
         async with open_runtime(MemoryStore(), ENV, Counter) as runtime:
             assert await runtime.invoke(A, "increment") == 1
-            with pytest.raises(ValueError, match="boom"):
+            with pytest.raises(ActorFailed, match="ValueError: boom") as failed:
                 await runtime.invoke(A, "boom")
+            assert failed.value.error_type == "ValueError"
+            assert isinstance(failed.value.__cause__, ValueError)
             assert await runtime.invoke(A, "get") == 1
-            assert await runtime.invoke(A, "last") == b"1"
+            assert await runtime.invoke(A, "last") == "1"
 
     run(body)
 
@@ -319,19 +324,20 @@ class Notes(Actor):
             return None
         if op == "drop":
             ctx.kv_delete(args[0].encode())
-            return await ctx.kv_items(limit=args[1])
-        return await ctx.kv_items(args[0].encode() if args else b"")
+            return [[k.decode(), v.decode()] for k, v in await ctx.kv_items(limit=args[1])]
+        items = await ctx.kv_items(args[0].encode() if args else b"")
+        return [[k.decode(), v.decode()] for k, v in items]
 
 
 def test_working_memory_reads_see_the_invocation_s_own_writes() -> None:
     async def body() -> None:
         async with open_runtime(MemoryStore(), ENV, Notes) as runtime:
             await runtime.invoke(A, ("put", "a1", "a2", "b1"))
-            with pytest.raises(ValueError, match="fail"):
+            with pytest.raises(ActorFailed, match="ValueError: fail"):
                 await runtime.invoke(A, ("put", "a3", "fail"))
-            assert [k for k, _ in await runtime.invoke(A, ("list", "a"))] == [b"a1", b"a2"]
-            assert [k for k, _ in await runtime.invoke(A, ("drop", "a1", 2))] == [b"a2", b"b1"]
-            assert [k for k, _ in await runtime.invoke(A, ("list",))] == [b"a2", b"b1"]
+            assert [k for k, _ in await runtime.invoke(A, ("list", "a"))] == ["a1", "a2"]
+            assert [k for k, _ in await runtime.invoke(A, ("drop", "a1", 2))] == ["a2", "b1"]
+            assert [k for k, _ in await runtime.invoke(A, ("list",))] == ["a2", "b1"]
 
     run(body)
 
@@ -386,8 +392,9 @@ def test_an_actor_s_own_timeout_is_not_the_runtime_s() -> None:
 
     async def body() -> None:
         async with open_runtime(MemoryStore(), ENV, Impatient) as runtime:
-            with pytest.raises(trio.TooSlowError):
+            with pytest.raises(ActorFailed, match="TooSlowError") as failed:
                 await runtime.invoke(A, "x")
+            assert failed.value.error_type == "TooSlowError"
 
     run(body)
 
@@ -402,6 +409,8 @@ def test_cancelling_the_runtime_answers_every_waiting_caller() -> None:
                 outcomes.append("reply")
             except RuntimeClosed:
                 outcomes.append("closed")
+            except InvocationInterrupted:
+                outcomes.append("interrupted")
 
         async with trio.open_nursery() as clients:
             with trio.CancelScope() as scope:
@@ -412,6 +421,6 @@ def test_cancelling_the_runtime_answers_every_waiting_caller() -> None:
                     await trio.sleep(1)
                     scope.cancel()
                     await trio.sleep(1)
-        assert sorted(outcomes) == ["closed", "closed"]
+        assert sorted(outcomes) == ["closed", "interrupted"]
 
     run(body)

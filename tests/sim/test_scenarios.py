@@ -14,6 +14,8 @@ def test_registry_lists_every_scenario() -> None:
     assert set(scenarios.all_scenarios()) == {
         "actors",
         "bank",
+        "cluster",
+        "cluster_unfenced",
         "cycle",
         "deadlock",
         "hang",
@@ -22,8 +24,8 @@ def test_registry_lists_every_scenario() -> None:
         "race_fixed",
         "ring",
     }
-    assert scenarios.default_names() == ["actors", "bank", "cycle", "race_fixed", "ring"]
-    with pytest.raises(KeyError, match="known: actors, bank, cycle"):
+    assert scenarios.default_names() == ["actors", "bank", "cluster", "cycle", "race_fixed", "ring"]
+    with pytest.raises(KeyError, match="known: actors, bank, cluster"):
         scenarios.get("nope")
 
 
@@ -41,6 +43,29 @@ def test_seeds_give_distinct_interleavings(name: str) -> None:
     scenario = scenarios.get(name)
     hashes = {run_scenario(scenario, seed).trace_hash for seed in range(50)}
     assert len(hashes) >= 45
+
+
+def test_cluster_passes_and_its_runs_differ() -> None:
+    """The cluster scenario (its 1,000-seed sweep is in the slow tier) passes 12 seeds in-process,
+    each with its own interleaving."""
+    cluster = scenarios.get("cluster")
+    results = [run_scenario(cluster, seed) for seed in range(12)]
+    failures = [r for r in results if not r.ok]
+    assert not failures, failures[0].failure
+    assert len({r.trace_hash for r in results}) == 12
+
+
+def test_unfenced_cluster_is_caught_and_reproduces() -> None:
+    """With the commit fence off, some seed below 30 shows a stale activation committing (or
+    its consequence, a lost increment), and rerunning that seed repeats it exactly."""
+    unfenced = scenarios.get("cluster_unfenced")
+    found = next(r for r in (run_scenario(unfenced, s) for s in range(30)) if not r.ok)
+    assert found.failure is not None and found.failure.kind is FailureKind.CHECK
+    assert "single activation violated" in found.failure.message or (
+        "increments were acknowledged" in found.failure.message
+    )
+    again = run_scenario(unfenced, found.seed)
+    assert (again.trace_hash, again.failure) == (found.trace_hash, found.failure)
 
 
 def test_planted_race_is_found_within_200_seeds_and_reproduces() -> None:

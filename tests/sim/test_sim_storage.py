@@ -319,3 +319,27 @@ def test_the_memory_store_refuses_versions_it_has_pruned() -> None:
         await old.aclose()
 
     _run(main)
+
+
+def test_quiesce_stops_every_storage_fault() -> None:
+    """After quiesce() (a liveness phase) reads and commits succeed; latency remains."""
+
+    async def main() -> None:
+        faults = attrs.evolve(
+            StorageFaults.every(), read_error_p=1.0, commit_error_p=1.0, latency_max_ms=10.0
+        )
+        store = SimStore(Rng(1), faults)
+        async with store.transaction() as tr:
+            with pytest.raises(StorageUnavailable):
+                await tr.get(b"k")
+        store.quiesce()
+        before = dict(store.injected)
+        start = trio.current_time()
+        for _ in range(50):
+            await _put(store, b"k", b"v")
+            async with store.transaction() as tr:
+                assert await tr.get(b"k") == b"v"
+        assert trio.current_time() > start
+        assert store.injected == before
+
+    _run(main)

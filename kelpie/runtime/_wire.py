@@ -1,0 +1,134 @@
+"""How invocations and their replies cross between nodes: JSON, with errors by name.
+
+Messages and replies are JSON values (None, bool, int, float, str, lists, and
+dicts with str keys), whichever node the actor runs on, so an actor sees the
+same message wherever it was placed: a tuple arrives as a list, an int dict key
+as a str. `encode_value` refuses anything else with `InvalidMessage`.
+
+A forwarded request is one JSON object: `{"a": [namespace, id], "k": key, "m":
+message}`. A reply is `{"v": value}`, or `{"e": error class name, "d": detail,
+"t": the actor's own error type (ActorFailed only)}`, or `{"r": address, "n":
+epoch}`: the actor is owned by that node, ask there. Errors travel by class
+name and are raised on the calling node as the same Kelpie class; a name the
+caller does not know arrives as `ActorFailed`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from kelpie import storage
+from kelpie.core import KelpieError
+from kelpie.runtime import _errors
+from kelpie.runtime._ids import ActorId, InvalidActorId
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+_DECODER = json.JSONDecoder()
+#: The longest idempotency key, in characters.
+IDEMPOTENCY_KEY_MAX_CHARS = 256
+
+
+def _known_errors() -> dict[str, type[KelpieError]]:
+    known: dict[str, type[KelpieError]] = {}
+    for module in (_errors, storage):
+        for name in sorted(vars(module)):
+            value = vars(module)[name]
+            if isinstance(value, type) and issubclass(value, KelpieError):
+                known[value.__name__] = value
+    return known
+
+
+_KNOWN = _known_errors()
+InvalidMessage = _errors.InvalidMessage
+
+
+def encode_value(value: Any, what: str) -> bytes:
+    """`value` as JSON bytes, or `InvalidMessage` naming `what` (e.g. "the message to a/b")."""
+    try:
+        return _ENCODER.encode(value).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"{what} is not a JSON value: {exc}") from None
+
+
+def decode_value(data: bytes) -> Any:
+    return _DECODER.decode(data.decode())
+
+
+def check_idempotency_key(key: object) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str) or not key or len(key) > IDEMPOTENCY_KEY_MAX_CHARS:
+        raise InvalidMessage(
+            f"an idempotency key is a non-empty str of at most {IDEMPOTENCY_KEY_MAX_CHARS} "
+            f"characters, got {key!r:.80}"
+        )
+
+
+def encode_request(actor_id: ActorId, message: bytes, key: str | None) -> bytes:
+    """A forwarded invocation; `message` is already JSON (`encode_value`)."""
+    head = _ENCODER.encode({"a": [actor_id.namespace, actor_id.id], "k": key})
+    return b'{"m":' + message + b"," + head[1:].encode()
+
+
+def decode_request(data: bytes) -> tuple[ActorId, Any, str | None]:
+    """(actor, message, idempotency key) of a forwarded invocation, or `InvalidMessage`."""
+    try:
+        obj = decode_value(data)
+        namespace, id_ = obj["a"]
+        key = obj["k"]
+        message = obj["m"]
+        actor_id = ActorId(namespace, id_)
+        check_idempotency_key(key)
+    except (ValueError, KeyError, TypeError, InvalidActorId) as exc:
+        raise InvalidMessage(f"malformed request between nodes: {exc}") from None
+    return actor_id, message, key
+
+
+def reply_value(value: bytes) -> bytes:
+    return b'{"v":' + value + b"}"
+
+
+def reply_error(exc: BaseException) -> bytes:
+    obj: dict[str, Any] = {"e": type(exc).__name__, "d": str(exc)}
+    if isinstance(exc, _errors.ActorFailed):
+        obj["t"] = exc.error_type
+    return _ENCODER.encode(obj).encode()
+
+
+def reply_redirect(address: str, epoch: int) -> bytes:
+    return _ENCODER.encode({"r": address, "n": epoch}).encode()
+
+
+@attrs.frozen
+class Redirect:
+    """The replying node does not own the actor; the node at `address` (epoch) does."""
+
+    address: str
+    epoch: int
+
+
+@attrs.frozen
+class Value:
+    """A reply's value."""
+
+    value: Any
+
+
+def decode_reply(data: bytes) -> Value | Redirect | KelpieError:
+    """The reply's value, a redirect, or the error to raise."""
+    try:
+        obj = decode_value(data)
+        if "v" in obj:
+            return Value(obj["v"])
+        if "r" in obj:
+            return Redirect(str(obj["r"]), int(obj["n"]))
+        name, detail = str(obj["e"]), str(obj["d"])
+    except (ValueError, KeyError, TypeError, KelpieError) as exc:
+        return _errors.ActorUnavailable(f"a malformed reply between nodes: {exc}")
+    cls = _KNOWN.get(name)
+    if cls is None or cls is _errors.ActorFailed:
+        return _errors.ActorFailed(detail, error_type=str(obj.get("t", name)))
+    return cls(detail)

@@ -1,0 +1,291 @@
+"""A cluster of runtimes sharing one store: placement, forwarding, fencing, failover, drain.
+
+Nodes talk over the simulated network with its faults off, in one trio run on
+a MockClock; kelpie/sim is only the network here (the real TCP network runs
+the same runtime in tests/runtime/test_cluster_processes.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from kelpie.env import Env, Rng
+from kelpie.runtime import (
+    Actor,
+    ActorContext,
+    ActorId,
+    ActorRuntime,
+    ActorUnavailable,
+    InvalidMessage,
+    RuntimeConfig,
+    local_first,
+    open_runtime,
+)
+from kelpie.sim import NetworkFaults, SimNetwork
+from kelpie.storage import MemoryStore, Store, Transaction, pack, transact
+
+FAST = RuntimeConfig(lease_duration_ms=1_000, lease_renew_ms=200, forward_timeout_ms=5_000)
+
+
+class Counter(Actor):
+    def __init__(self, actor_id: ActorId) -> None:
+        self.value = 0
+        self.epoch = 0
+
+    def dump_state(self) -> bytes | None:
+        return json.dumps(self.value).encode()
+
+    def load_state(self, data: bytes | None) -> None:
+        self.value = 0 if data is None else json.loads(data)
+
+    async def activate(self, ctx: ActorContext) -> None:
+        self.epoch = ctx.epoch
+
+    async def handle(self, ctx: ActorContext, message: Any) -> Any:
+        if message == "get":
+            return self.value
+        if message == "where":
+            return [ctx.env.node, ctx.epoch]
+        if isinstance(message, dict) and "sleep" in message:
+            await trio.sleep(message["sleep"])
+        self.value += 1
+        return self.value
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@attrs.define
+class Cluster:
+    store: Store
+    network: SimNetwork
+    nursery: trio.Nursery
+    config: RuntimeConfig
+    nodes: dict[str, ActorRuntime] = attrs.Factory(dict)
+    scopes: dict[str, trio.CancelScope] = attrs.Factory(dict)
+    stops: dict[str, trio.Event] = attrs.Factory(dict)
+
+    def env(self, name: str, network: bool = True) -> Env:
+        return attrs.evolve(
+            Env.production(seed=len(self.nodes) + 1, node=name),
+            network=self.network.endpoint(name) if network else None,
+        )
+
+    async def start(self, name: str, *, network: bool = True, **config: Any) -> ActorRuntime:
+        started = trio.Event()
+        stop = self.stops[name] = trio.Event()
+        env = self.env(name, network)
+        cfg = attrs.evolve(self.config, **config)
+
+        async def life() -> None:
+            with trio.CancelScope() as scope:
+                self.scopes[name] = scope
+                async with open_runtime(self.store, env, Counter, cfg) as runtime:
+                    self.nodes[name] = runtime
+                    started.set()
+                    await stop.wait()
+
+        self.nursery.start_soon(life)
+        await started.wait()
+        return self.nodes[name]
+
+    def crash(self, name: str) -> None:
+        self.scopes[name].cancel()
+
+
+@contextlib.asynccontextmanager
+async def cluster(config: RuntimeConfig = FAST) -> AsyncIterator[Cluster]:
+    async with trio.open_nursery() as nursery:
+        network = SimNetwork(Rng(7), NetworkFaults())
+        c = Cluster(MemoryStore(), network, nursery, config)
+        yield c
+        for stop in c.stops.values():
+            stop.set()
+
+
+A = ActorId("counter", "a")
+
+
+def test_a_call_through_any_node_reaches_the_one_activation() -> None:
+    async def body() -> None:
+        async with cluster() as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            n3 = await c.start("n3")
+            replies = [await node.invoke(A, "increment") for node in (n1, n2, n3, n1, n2, n3)]
+            assert replies == [1, 2, 3, 4, 5, 6]
+            assert sum(node.is_active(A) for node in (n1, n2, n3)) == 1
+            where = await n2.invoke(A, "where")
+            host = c.nodes[where[0]]
+            assert host.is_active(A) and where[1] == host.epoch
+            assert n1.forwards + n2.forwards + n3.forwards >= 4
+
+    run(body)
+
+
+def test_placement_spreads_new_actors_over_the_least_loaded_nodes() -> None:
+    async def body() -> None:
+        async with cluster() as c:
+            n1 = await c.start("n1")
+            await c.start("n2")
+            await c.start("n3")
+            await trio.sleep(1)  # every node has renewed, and sees the others
+            for i in range(30):
+                await n1.invoke(ActorId("counter", f"x{i}"), "increment")
+                await trio.sleep(0.5)  # loads are published at each renewal
+            counts = sorted(node.active_count for node in c.nodes.values())
+            assert counts[0] >= 5, counts
+
+    run(body)
+
+
+def test_local_first_placement_keeps_new_actors_on_the_calling_node() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            for i in range(5):
+                await n2.invoke(ActorId("counter", f"x{i}"), "increment")
+            assert n2.active_count == 5 and n1.active_count == 0 and n2.forwards == 0
+
+    run(body)
+
+
+def test_a_crashed_node_s_actors_move_once_its_lease_lapses() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            for _ in range(3):
+                await n1.invoke(A, "increment")
+            c.crash("n1")
+            started = trio.current_time()
+            assert await n2.invoke(A, "increment") == 4  # waits out the lease, then takes over
+            assert n2.is_active(A)
+            assert trio.current_time() - started < 5
+
+    run(body)
+
+
+def test_a_node_that_leaves_frees_its_actors_at_once() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            await n1.invoke(A, "increment")
+            c.stops["n1"].set()
+            while "n1" in c.nodes and c.nodes["n1"].epoch:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            started = trio.current_time()
+            assert await n2.invoke(A, "increment") == 2
+            assert trio.current_time() - started < 0.5  # no lease to wait out
+
+    run(body)
+
+
+def test_a_stale_activation_never_commits_and_its_call_is_rerouted() -> None:
+    """The record is handed to another node behind n1's back: n1's next commit is refused by
+    the fence, nothing of it is applied, and the call is answered by the new owner."""
+
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            assert await n1.invoke(A, "increment") == 1
+            assert await n1.invoke(A, "increment") == 2
+
+            async def hand_over(tr: Transaction) -> None:
+                tr.set(A.key("owner"), pack((n2.epoch, "n2")))
+
+            await transact(c.store, hand_over, rng=Rng(1))
+            assert await n1.invoke(A, "increment") == 3  # applied once, by n2
+            assert n2.is_active(A) and not n1.is_active(A)
+            assert await n2.invoke(A, "get") == 3
+
+    run(body)
+
+
+def test_without_the_fence_a_stale_activation_commits() -> None:
+    """The test-only switch that the cluster_unfenced scenario uses really removes the fence."""
+
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first, fencing=False)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            await n1.invoke(A, "increment")
+
+            async def hand_over(tr: Transaction) -> None:
+                tr.set(A.key("owner"), pack((n2.epoch, "n2")))
+
+            await transact(c.store, hand_over, rng=Rng(1))
+            assert await n1.invoke(A, "increment") == 2  # the stale activation committed
+            assert n1.is_active(A)
+
+    run(body)
+
+
+def test_an_idempotency_key_applies_a_call_once_on_whichever_node() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            assert await n1.invoke(A, "increment", idempotency_key="k1") == 1
+            assert await n1.invoke(A, "increment", idempotency_key="k1") == 1
+            assert await n2.invoke(A, "increment", idempotency_key="k1") == 1
+            c.crash("n1")
+            assert await n2.invoke(A, "increment", idempotency_key="k1") == 1  # after a move
+            assert await n2.invoke(A, "increment", idempotency_key="k2") == 2
+            assert await n2.invoke(A, "get") == 2
+
+    run(body)
+
+
+def test_the_idempotency_window_forgets_the_oldest_keys() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, idempotency_window=3)) as c:
+            n1 = await c.start("n1")
+            for i in range(5):
+                await n1.invoke(A, "increment", idempotency_key=f"k{i}")
+            assert await n1.invoke(A, "increment", idempotency_key="k4") == 5  # remembered
+            assert await n1.invoke(A, "increment", idempotency_key="k0") == 6  # forgotten
+            c.crash("n1")
+            n2 = await c.start("n2")
+            assert await n2.invoke(A, "increment", idempotency_key="k0") == 6  # reloaded
+            assert await n2.invoke(A, "increment", idempotency_key="k1") == 7
+
+    run(body)
+
+
+def test_a_node_without_a_network_cannot_reach_actors_owned_elsewhere() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            lonely = await c.start("n2", network=False)
+            await n1.invoke(A, "increment")
+            with pytest.raises(ActorUnavailable, match="this node has no network"):
+                await lonely.invoke(A, "increment")
+            assert await n1.invoke(A, "get") == 1
+
+    run(body)
+
+
+def test_messages_must_be_json_values() -> None:
+    async def body() -> None:
+        async with cluster() as c:
+            n1 = await c.start("n1")
+            with pytest.raises(InvalidMessage, match="not a JSON value"):
+                await n1.invoke(A, {"x": b"bytes"})
+            with pytest.raises(InvalidMessage, match="idempotency key"):
+                await n1.invoke(A, "increment", idempotency_key="")
+
+    run(body)
