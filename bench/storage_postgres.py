@@ -2,7 +2,7 @@
 
 Prints figures; asserts nothing about speed (the machines are shared and noisy).
 
-Starts a throwaway PostgreSQL server (tests/storage/_pgserver.py: fsync on, on
+Starts a throwaway PostgreSQL server (tests/_pgserver.py: fsync on, on
 127.0.0.1) unless KELPIE_POSTGRES_URL names one, then measures, in one run:
 
 - kelpie: `PostgresStore` (pool of 16), with 1 and with 16 concurrent trio tasks;
@@ -34,7 +34,7 @@ import attrs
 import psycopg
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "storage"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _pgserver import PgServer
 

@@ -1,4 +1,4 @@
-"""The `kelpie` command line: `kelpie sim`, `kelpie sweep`, `kelpie scenarios`.
+"""The `kelpie` command line: `kelpie sim`, `kelpie sweep`, `kelpie scenarios`, `kelpie node`.
 
 `kelpie` always runs with `PYTHONHASHSEED=0` (it re-executes itself to get it,
 DESIGN.md §4), so that a run in this process hashes exactly like a sweep
@@ -8,11 +8,14 @@ worker's. `DST_SEED` is honoured wherever a seed is taken.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
+import signal
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, cast
 
 import click
 import trio
@@ -399,6 +402,93 @@ def _print_summary(outcomes: Sequence[object], names: list[str]) -> None:
             f"{sum(o.wall_s for o in runs) / count:.3f}s",
         )
     console.print(table)
+
+
+def _load_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(f"{spec!r} is not module:attribute", param_hint="--actor")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"cannot load {spec!r}: {exc}", param_hint="--actor") from None
+    if not callable(found):
+        raise click.BadParameter(f"{spec!r} is not callable", param_hint="--actor")
+    return cast("Callable[..., Any]", found)
+
+
+@cli.command()
+@click.option(
+    "--store",
+    "store_spec",
+    required=True,
+    help="The cluster's store: sqlite:PATH, postgresql://..., fdb:[CLUSTER_FILE] or memory.",
+)
+@click.option(
+    "--actor",
+    "actor_spec",
+    required=True,
+    help="The actors' factory, as module:attribute, called with each ActorId.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="host:port where other nodes and clients reach this node (port 0: a free one).",
+)
+@click.option("--name", default=None, help="The node's name (default: node-PID).")
+@click.option(
+    "--lease-ms",
+    type=click.IntRange(min=100),
+    default=10_000,
+    show_default=True,
+    help="The node's lease on the store's clock; renewed every fifth of it.",
+)
+def node(store_spec: str, actor_spec: str, listen: str, name: str | None, lease_ms: int) -> None:
+    """Runs one node of an actor cluster until SIGTERM or SIGINT, then drains it.
+
+    Once it serves, it prints one JSON line: {"node", "address", "epoch"}.
+    """
+    from kelpie.core import ConfigError as _ConfigError
+
+    factory = _load_factory(actor_spec)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{listen!r} is not host:port", param_hint="--listen")
+    try:
+        trio.run(
+            _run_node, store_spec, factory, host, int(port), name or f"node-{os.getpid()}", lease_ms
+        )
+    except _ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+async def _run_node(
+    store_spec: str,
+    factory: Callable[..., Any],
+    host: str,
+    port: int,
+    name: str,
+    lease_ms: int,
+) -> None:
+    from kelpie.env import Env, TcpNetwork
+    from kelpie.runtime import RuntimeConfig, open_runtime
+    from kelpie.storage import open_store
+
+    config = RuntimeConfig(lease_duration_ms=lease_ms, lease_renew_ms=lease_ms // 5)
+    network = TcpNetwork(host, port)
+    store = await open_store(store_spec)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            env = Env.production(node=name, network=network)
+            async with open_runtime(store, env, factory, config) as runtime:
+                ready = {"node": name, "address": runtime.address, "epoch": runtime.epoch}
+                print(json.dumps(ready), flush=True)
+                async for _ in signals:
+                    break
+    finally:
+        await network.aclose()
+        await store.aclose()
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ and single activation across a cluster of nodes sharing one store (docs/ACTORS.m
 """
 
 from kelpie.runtime._actor import Actor, ActorContext
+from kelpie.runtime._client import NodeClient
 from kelpie.runtime._errors import (
     ActorError,
     ActorFailed,
@@ -39,6 +40,7 @@ __all__ = [
     "InvocationInterrupted",
     "InvocationTimeout",
     "MailboxFull",
+    "NodeClient",
     "NodeRecord",
     "OwnershipLost",
     "Placement",

@@ -381,9 +381,13 @@ class ActorRuntime:
         raise result
 
     async def handle_request(self, payload: bytes) -> bytes:
-        """Answers an invocation forwarded by another node (the network's handler)."""
+        """Answers an invocation from another node or a client (the network's handler)."""
         try:
-            actor_id, message, key = decode_request(payload)
+            request = decode_request(payload)
+            actor_id, message, key = request.actor_id, request.message, request.key
+            if request.route:  # a client's call: route it like a local one
+                value = await self.invoke(actor_id, message, idempotency_key=key)
+                return reply_value(encode_value(value, "the reply"))
             return reply_value(await self._serve_call(actor_id, message, key))
         except _NotHandled as exc:
             if exc.redirect is not None:

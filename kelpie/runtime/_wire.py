@@ -5,8 +5,9 @@ dicts with str keys), whichever node the actor runs on, so an actor sees the
 same message wherever it was placed: a tuple arrives as a list, an int dict key
 as a str. `encode_value` refuses anything else with `InvalidMessage`.
 
-A forwarded request is one JSON object: `{"a": [namespace, id], "k": key, "m":
-message}`. A reply is `{"v": value}`, or `{"e": error class name, "d": detail,
+A request is one JSON object: `{"a": [namespace, id], "k": key, "m": message}`,
+with `"c": 1` when it comes from a client (route it) rather than a node. A
+reply is `{"v": value}`, or `{"e": error class name, "d": detail,
 "t": the actor's own error type (ActorFailed only)}`, or `{"r": address, "n":
 epoch}`: the actor is owned by that node, ask there. Errors travel by class
 name and are raised on the calling node as the same Kelpie class; a name the
@@ -20,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from kelpie import storage
+from kelpie import env, storage
 from kelpie.core import KelpieError
 from kelpie.runtime import _errors
 from kelpie.runtime._ids import ActorId, InvalidActorId
@@ -33,7 +34,7 @@ IDEMPOTENCY_KEY_MAX_CHARS = 256
 
 def _known_errors() -> dict[str, type[KelpieError]]:
     known: dict[str, type[KelpieError]] = {}
-    for module in (_errors, storage):
+    for module in (_errors, storage, env):
         for name in sorted(vars(module)):
             value = vars(module)[name]
             if isinstance(value, type) and issubclass(value, KelpieError):
@@ -67,14 +68,33 @@ def check_idempotency_key(key: object) -> None:
         )
 
 
-def encode_request(actor_id: ActorId, message: bytes, key: str | None) -> bytes:
-    """A forwarded invocation; `message` is already JSON (`encode_value`)."""
-    head = _ENCODER.encode({"a": [actor_id.namespace, actor_id.id], "k": key})
-    return b'{"m":' + message + b"," + head[1:].encode()
+def encode_request(
+    actor_id: ActorId, message: bytes, key: str | None, *, route: bool = False
+) -> bytes:
+    """An invocation sent to a node; `message` is already JSON (`encode_value`).
+
+    `route`: a client's call, which the node routes to the actor wherever it
+    lives; otherwise a call forwarded by another node, for an actor it believes
+    this node owns (the node takes it, or redirects).
+    """
+    head: dict[str, Any] = {"a": [actor_id.namespace, actor_id.id], "k": key}
+    if route:
+        head["c"] = 1
+    return b'{"m":' + message + b"," + _ENCODER.encode(head)[1:].encode()
 
 
-def decode_request(data: bytes) -> tuple[ActorId, Any, str | None]:
-    """(actor, message, idempotency key) of a forwarded invocation, or `InvalidMessage`."""
+@attrs.frozen
+class Request:
+    """An invocation a node received."""
+
+    actor_id: ActorId
+    message: Any
+    key: str | None
+    route: bool
+
+
+def decode_request(data: bytes) -> Request:
+    """The invocation in `data`, or `InvalidMessage`."""
     try:
         obj = decode_value(data)
         namespace, id_ = obj["a"]
@@ -84,7 +104,7 @@ def decode_request(data: bytes) -> tuple[ActorId, Any, str | None]:
         check_idempotency_key(key)
     except (ValueError, KeyError, TypeError, InvalidActorId) as exc:
         raise InvalidMessage(f"malformed request between nodes: {exc}") from None
-    return actor_id, message, key
+    return Request(actor_id, message, key, bool(obj.get("c")))
 
 
 def reply_value(value: bytes) -> bytes:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+
+from kelpie.env import TcpNetwork
+from kelpie.runtime import ActorId, NodeClient
 
 KELPIE = str(Path(sys.executable).with_name("kelpie"))
 
@@ -225,3 +232,59 @@ def test_scenarios_from_other_modules_may_print(tmp_path: Path) -> None:
     assert "all passed" in swept.stdout
     missing = kelpie("sim", "--scenario", "kelpie_no_such_module:X", "--seed", "1")
     assert missing.returncode == 2 and "cannot load scenario" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--actor", "no_such_module:X"], "cannot load 'no_such_module:X'"),
+        (["--actor", "json"], "is not module:attribute"),
+        (["--actor", "json:decoder", "--listen", "localhost"], "is not callable"),
+        (["--actor", "json:loads", "--listen", "localhost"], "is not host:port"),
+        (["--actor", "json:loads", "--store", "redis://x"], "unknown storage"),
+    ],
+)
+def test_node_refuses_bad_options_with_a_clear_message(args: list[str], message: str) -> None:
+    options = {"--store": "memory", **dict(zip(args[::2], args[1::2], strict=True))}
+    done = kelpie("node", *[part for item in options.items() for part in item], timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+
+
+def test_node_serves_until_sigterm_then_drains(tmp_path: Path) -> None:
+    """`kelpie node` prints where it serves, answers a client, and exits 0 on SIGTERM."""
+    actor_module = tmp_path / "echo_actor.py"
+    actor_module.write_text(
+        "from kelpie.runtime import Actor\n"
+        "class Echo(Actor):\n"
+        "    def __init__(self, actor_id):\n"
+        "        pass\n"
+        "    async def handle(self, ctx, message):\n"
+        "        return [ctx.env.node, message]\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    store = f"sqlite:{tmp_path / 'db'}"
+    args = [KELPIE, "node", "--store", store, "--actor", "echo_actor:Echo", "--name", "solo"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        assert ready["node"] == "solo" and ready["epoch"] == 1
+
+        async def ask() -> Any:
+            network = TcpNetwork()
+            try:
+                client = NodeClient(network, [ready["address"]])
+                return await client.invoke(ActorId("echo", "e1"), {"hi": 1})
+            finally:
+                await network.aclose()
+
+        assert trio.run(ask) == ["solo", {"hi": 1}]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

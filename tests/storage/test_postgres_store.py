@@ -1,6 +1,6 @@
 """The postgres backend: the conformance suite on a real server, plus what only it has.
 
-Every test runs against the session's PostgreSQL server (tests/storage/conftest.py)
+Every test runs against the session's PostgreSQL server (tests/conftest.py)
 in a table of its own. Beyond the suite: the connection pool's bound and its
 recovery from connections the server ended, SSI's refusals mapped to Conflict,
 keys longer than a btree entry, typed errors for bad URLs and arguments.

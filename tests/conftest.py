@@ -1,8 +1,8 @@
-"""Shared fixtures of the storage tests: a real PostgreSQL server for the postgres backend.
+"""Shared fixtures: a real PostgreSQL server for the postgres backend and the cluster tests.
 
 `postgres_url` is a libpq URL of a PostgreSQL server for the whole session:
 KELPIE_POSTGRES_URL when set, otherwise a throwaway cluster that
-tests/storage/_pgserver.py creates and starts (as the `postgres` OS user when we
+tests/_pgserver.py creates and starts (as the `postgres` OS user when we
 are root) and removes at the end. When no server can be started, the tests that
 need one are skipped with the reason, except under CI=true, where that is a
 failure: CI must really run them (.ci/run installs PostgreSQL).
