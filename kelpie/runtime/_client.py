@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kelpie.core import ConfigError
-from kelpie.env import NetworkError, NodeNetwork, Unreachable
+from kelpie.core import ConfigError, KelpieError
+from kelpie.env import NodeNetwork, Unreachable
 from kelpie.runtime._errors import ActorUnavailable
 from kelpie.runtime._ids import ActorId
 from kelpie.runtime._wire import (
+    NotHandled,
     Redirect,
     Value,
     check_idempotency_key,
@@ -52,7 +53,7 @@ class NodeClient:
         """Delivers `message` to the actor and returns its reply (see `ActorRuntime.invoke`).
 
         Tries `address` first when given, then the others in order; raises the last
-        `Unreachable` if none can be reached.
+        refusal (`Unreachable`, or a node still starting) if none took the call.
         """
         if not isinstance(actor_id, ActorId):
             raise TypeError(f"invoke takes an ActorId, got {type(actor_id).__name__}")
@@ -65,7 +66,7 @@ class NodeClient:
         )
         order = [address] if address is not None else []
         order += [a for a in self._addresses if a != address]
-        last: NetworkError | None = None
+        last: KelpieError | None = None
         for target in order:
             try:
                 raw = await self._network.request(target, payload, timeout_ms=self._timeout_ms)
@@ -75,6 +76,9 @@ class NodeClient:
             result = decode_reply(raw)
             if isinstance(result, Value):
                 return result.value
+            if isinstance(result, NotHandled):  # e.g. a node still starting: try the next
+                last = result.error
+                continue
             if isinstance(result, Redirect):  # a routed call is never redirected
                 raise ActorUnavailable(f"node {target} redirected a client's call to {actor_id}")
             raise result

@@ -8,7 +8,9 @@ actor is free, and any node may take it by writing its own epoch there.
 
 - Taking an actor (`acquire`) reads the activation record with a conflicting
   read and writes the new owner in the same transaction that loads the actor's
-  state, so two nodes racing for one actor conflict, and one loses.
+  state, so two nodes racing for one actor conflict, and one loses. Every
+  activation writes the record, even its own: that settles any commit of an
+  earlier activation whose outcome was unknown (it conflicts, or is seen).
 - Every commit of an activation re-reads the record (`fence`) and refuses to
   commit unless it still names the activation's epoch. A commit that raced
   with a takeover conflicts on that key; a later one reads the new owner. So a
@@ -25,7 +27,7 @@ import attrs
 
 from kelpie.runtime._errors import OwnershipLost
 from kelpie.runtime._ids import ActorId
-from kelpie.runtime._membership import NodeRecord, read_node
+from kelpie.runtime._membership import NodeRecord, node_key, read_node
 from kelpie.storage import Transaction, pack, unpack
 
 
@@ -72,17 +74,22 @@ async def locate(tr: Transaction, actor_id: ActorId) -> Located:
 async def acquire(tr: Transaction, actor_id: ActorId, me: Owner) -> NodeRecord | None:
     """Makes `me` the owner unless another valid owner holds the actor; returns that owner.
 
-    None means `me` owns the actor when this transaction commits.
+    None means `me` owns the actor when this transaction commits. The record is
+    written even when it already names `me`: a commit of an earlier activation
+    whose outcome was unknown, should it still land, then conflicts with this
+    transaction instead of landing after it unseen. Taking the actor from a
+    lapsed owner clears that owner's node record (see kelpie/runtime/_membership.py).
     """
     key = owner_key(actor_id)
     value = await tr.get(key)
     if value is not None:
         owner = Owner.decode(value)
-        if owner == me:
-            return None
-        record = await read_node(tr, owner.epoch)
-        if record is not None and record.live_at(await tr.read_version()):
-            return record
+        if owner != me:
+            record = await read_node(tr, owner.epoch, snapshot=False)
+            if record is not None:
+                if record.live_at(await tr.read_version()):
+                    return record
+                tr.clear(node_key(owner.epoch))
     tr.set(key, me.encode())
     return None
 

@@ -9,7 +9,11 @@ jump. A record whose expiry is at or before a transaction's read version is
 *lapsed* for that transaction and for every later one: renewal refuses to
 extend a lapsed lease, so a node whose lease lapsed must join again with a new
 epoch before it acts again, and every activation record naming its old epoch
-is void from then on (kelpie/runtime/_directory.py).
+is void from then on (kelpie/runtime/_directory.py). A node that takes an actor
+from a lapsed owner reads that owner's record with a conflicting read and
+clears it in the same transaction, so a renewal that read the record just
+before it lapsed and commits just after conflicts with the takeover: either the
+takeover sees the renewed lease, or the renewal finds its record gone.
 
 The node also keeps a local deadline on trio's monotonic clock: the moment it
 started the transaction that last extended its lease, plus `lease_safety` of
@@ -82,13 +86,9 @@ class NodeRecord:
         return version < self.expires_version
 
 
-async def read_node(tr: Transaction, epoch: int) -> NodeRecord | None:
-    """The record of incarnation `epoch`, as a snapshot read.
-
-    A snapshot read is enough: once lapsed, a record never becomes live again
-    (renewal refuses), so a lapse seen at one version holds at every later one.
-    """
-    value = await tr.get(node_key(epoch), snapshot=True)
+async def read_node(tr: Transaction, epoch: int, *, snapshot: bool = True) -> NodeRecord | None:
+    """The record of incarnation `epoch` (a snapshot read unless `snapshot=False`)."""
+    value = await tr.get(node_key(epoch), snapshot=snapshot)
     return None if value is None else NodeRecord.decode(epoch, value)
 
 

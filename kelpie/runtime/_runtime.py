@@ -63,7 +63,7 @@ import contextvars
 import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -72,7 +72,7 @@ import trio
 from kelpie.core import ConfigError, KelpieError
 from kelpie.env import Env, FrameTooLarge, NetworkError
 from kelpie.runtime._actor import Actor, ActorContext
-from kelpie.runtime._directory import Owner, acquire, fence, locate
+from kelpie.runtime._directory import Owner, acquire, fence, locate, owner_key
 from kelpie.runtime._errors import (
     ActorFailed,
     ActorUnavailable,
@@ -87,7 +87,10 @@ from kelpie.runtime._ids import ActorId
 from kelpie.runtime._membership import LEASE_SAFETY, Membership, NodeRecord, read_node
 from kelpie.runtime._placement import Placement, least_loaded
 from kelpie.runtime._wire import (
+    GENERATED_KEY_PREFIX,
+    NotHandled,
     Redirect,
+    Request,
     Value,
     check_idempotency_key,
     decode_reply,
@@ -96,6 +99,7 @@ from kelpie.runtime._wire import (
     encode_request,
     encode_value,
     reply_error,
+    reply_not_handled,
     reply_redirect,
     reply_value,
 )
@@ -113,6 +117,8 @@ from kelpie.storage import (
     unpack,
     write_blob,
 )
+
+T = TypeVar("T")
 
 #: Room an idempotency record needs besides its reply.
 _IDEM_OVERHEAD_BYTES = 1_024
@@ -165,6 +171,19 @@ class _NotHandled(Exception):
         super().__init__(str(error))
         self.error = error
         self.redirect = redirect
+
+
+class _Answer:
+    """The answer to one request from another node, kept for duplicates of it."""
+
+    __slots__ = ("done", "expires_s", "reply")
+
+    def __init__(self, expires_s: float) -> None:
+        self.done = trio.Event()
+        self.expires_s = expires_s
+        self.reply = reply_error(
+            InvocationInterrupted("the node stopped while handling this call; it may have applied")
+        )
 
 
 class _Reply:
@@ -231,6 +250,9 @@ class ActorRuntime:
         self._closing = False
         self._nodes: list[NodeRecord] = []
         self._forwarded = itertools.count()
+        self._nonce = f"{env.rng.getrandbits(64):016x}"
+        #: Requests from other nodes by id, answered or under way (duplicates get the same).
+        self._requests: collections.OrderedDict[str, _Answer] = collections.OrderedDict()
         #: Activations started and deactivations finished (for tests and benchmarks).
         self.activations = 0
         self.deactivations = 0
@@ -280,10 +302,12 @@ class ActorRuntime:
         data = encode_value(message, f"the message to {actor_id}")
         policy = self._config.route_retry
         hint: NodeRecord | None = None
+        #: The call's key; one made up for it once it is forwarded, kept for every retry.
+        keys = [idempotency_key]
         attempt = 1
         while True:
             try:
-                return await self._attempt(actor_id, data, idempotency_key, hint)
+                return await self._attempt(actor_id, data, keys, hint)
             except _NotHandled as exc:
                 if self._closing:
                     raise RuntimeClosed(
@@ -299,9 +323,10 @@ class ActorRuntime:
             attempt += 1
 
     async def _attempt(
-        self, actor_id: ActorId, data: bytes, key: str | None, hint: NodeRecord | None
+        self, actor_id: ActorId, data: bytes, keys: list[str | None], hint: NodeRecord | None
     ) -> Any:
         while True:
+            key = keys[0]
             if self._closing:
                 raise RuntimeClosed(f"the runtime is shutting down; {actor_id} was not invoked")
             act = self._active.get(actor_id)
@@ -312,7 +337,9 @@ class ActorRuntime:
                 return decode_value(await self._deliver(act, decode_value(data), key))
             target, hint = (hint if hint is not None else await self._place(actor_id)), None
             if target.epoch != self.epoch:
-                return await self._forward(target, actor_id, data, key)
+                if keys[0] is None:  # the network may duplicate it: it must not apply twice
+                    keys[0] = self._new_key()
+                return await self._forward(target, actor_id, data, keys[0])
             await self._await_lease()
             if actor_id not in self._active:  # (it may have been activated meanwhile)
                 act = self._start(actor_id)
@@ -355,14 +382,11 @@ class ActorRuntime:
                 f"{actor_id} is owned by node {node.name} (epoch {node.epoch}), and "
                 f"{'this node has no network' if self._network is None else 'it has no address'}"
             )
-        if key is None:  # a duplicate on the network must not apply twice
-            key = f"fwd:{self.epoch}:{next(self._forwarded)}"
         self.forwards += 1
+        request = encode_request(actor_id, data, key, request_id=self._new_key())
         try:
             raw = await self._network.request(
-                node.address,
-                encode_request(actor_id, data, key),
-                timeout_ms=self._config.forward_timeout_ms,
+                node.address, request, timeout_ms=self._config.forward_timeout_ms
             )
         except FrameTooLarge:
             raise
@@ -376,15 +400,48 @@ class ActorRuntime:
         if isinstance(result, Redirect):
             target = NodeRecord(result.epoch, "?", result.address, 0, 0, False)
             raise _NotHandled(ActorUnavailable(f"{actor_id} moved"), redirect=target)
-        if type(result) in (OwnershipLost, ActorUnavailable, RuntimeClosed):
-            raise _NotHandled(result)
+        if isinstance(result, NotHandled):
+            raise _NotHandled(result.error)
         raise result
 
+    def _new_key(self) -> str:
+        """A key no other call in the cluster has: this incarnation's nonce and a counter."""
+        return f"{GENERATED_KEY_PREFIX}{self._nonce}:{next(self._forwarded)}"
+
     async def handle_request(self, payload: bytes) -> bytes:
-        """Answers an invocation from another node or a client (the network's handler)."""
+        """Answers an invocation from another node or a client (the network's handler).
+
+        A copy of a request the network duplicated (same request id) gets the answer
+        of the first copy, waiting for it if need be, for `2 x forward_timeout_ms`.
+        """
         try:
             request = decode_request(payload)
-            actor_id, message, key = request.actor_id, request.message, request.key
+        except KelpieError as exc:
+            return reply_error(exc)
+        if request.request_id is None:
+            return await self._answer(request)
+        now = trio.current_time()
+        while self._requests:  # forget answers older than any copy can be
+            oldest = next(iter(self._requests.values()))
+            if oldest.expires_s > now:
+                break
+            self._requests.popitem(last=False)
+        seen = self._requests.get(request.request_id)
+        if seen is not None:
+            await seen.done.wait()
+            return seen.reply
+        seen = self._requests[request.request_id] = _Answer(
+            now + 2 * self._config.forward_timeout_ms / 1000
+        )
+        try:
+            seen.reply = await self._answer(request)
+        finally:
+            seen.done.set()  # (cancelled: the duplicate gets "maybe applied")
+        return seen.reply
+
+    async def _answer(self, request: Request) -> bytes:
+        actor_id, message, key = request.actor_id, request.message, request.key
+        try:
             if request.route:  # a client's call: route it like a local one
                 value = await self.invoke(actor_id, message, idempotency_key=key)
                 return reply_value(encode_value(value, "the reply"))
@@ -392,7 +449,7 @@ class ActorRuntime:
         except _NotHandled as exc:
             if exc.redirect is not None:
                 return reply_redirect(exc.redirect.address, exc.redirect.epoch)
-            return reply_error(exc.error)
+            return reply_not_handled(exc.error)
         except KelpieError as exc:
             return reply_error(exc)
 
@@ -433,6 +490,8 @@ class ActorRuntime:
         renew_s = self._config.lease_renew_ms / 1000
         while True:
             await trio.sleep(renew_s)
+            if self._closing and self._membership.epoch == 0:
+                return  # left the cluster: never join again
             try:
                 if self._membership.epoch == 0 or not await self._membership.renew(
                     load=len(self._active), draining=self._closing
@@ -443,6 +502,8 @@ class ActorRuntime:
                 continue  # the next round tries again; past the deadline the node waits
 
     async def _rejoin(self) -> None:
+        if self._closing:
+            return
         for act in list(self._active.values()):
             act.lost = True
             act.request_stop()
@@ -452,12 +513,15 @@ class ActorRuntime:
 
     def _start(self, actor_id: ActorId) -> _Activation:
         assert self._nursery is not None
+        if self._closing:
+            raise _NotHandled(RuntimeClosed(f"node {self.name} is leaving; {actor_id} not taken"))
         cap = self._config.active_max
         if len(self._active) >= cap and sum(not a.stopping for a in self._active.values()) >= cap:
             self._evict_one()
         owner = Owner(self.epoch, self.name)
         ctx = ActorContext(actor_id, self._env, self._store, owner.epoch)
-        act = _Activation(actor_id, self._factory(actor_id), ctx, self._config.mailbox_size, owner)
+        actor = _hook(actor_id, "the actor factory", self._factory, actor_id)
+        act = _Activation(actor_id, actor, ctx, self._config.mailbox_size, owner)
         self._active[actor_id] = act
         self.activations += 1
         # The actor's task belongs to this node, not to the caller that woke it: it runs in
@@ -481,12 +545,15 @@ class ActorRuntime:
             except Exception as exc:  # the activation failed: so does every waiting message
                 act.stopping = True
                 failure = exc
-                self._fail_pending(act, lambda: failure)
+                self._fail_pending(act, lambda: _copy_error(failure))
                 return
             await self._loop(act)
             if not act.lost:
                 with contextlib.suppress(Exception):  # its writes are lost; it is going away
                     await self._in_transaction(act, act.actor.deactivate, None)
+                if self._closing:  # leaving: let another node take it now, not at our leave
+                    with contextlib.suppress(Exception):
+                        await self._release(act)
         finally:
             act.stopping = True
             self._fail_pending(
@@ -496,6 +563,16 @@ class ActorRuntime:
             del self._active[act.actor_id]
             self.deactivations += 1
             act.stopped.set()
+
+    async def _release(self, act: _Activation) -> None:
+        """Clears the actor's activation record, if it is still this activation's."""
+        owner = act.owner
+
+        async def release(tr: Transaction) -> None:
+            await fence(tr, act.actor_id, owner)
+            tr.clear(owner_key(act.actor_id))
+
+        await transact(self._store, release, rng=self._env.rng, policy=self._config.commit_retry)
 
     async def _activate(self, act: _Activation) -> None:
         owner = await self._load(act)
@@ -580,7 +657,7 @@ class ActorRuntime:
         if other is not None:
             return other
         act.committed = data
-        act.actor.load_state(data)
+        _hook(act.actor_id, "load_state", act.actor.load_state, data)
         act.replies.clear()
         for _, value in reversed(rows):
             idem_key, reply = unpack(value)
@@ -592,15 +669,7 @@ class ActorRuntime:
         result: list[bytes] = []
 
         async def call(ctx: ActorContext) -> None:
-            try:
-                value = await act.actor.handle(ctx, message)
-            except KelpieError:
-                raise
-            except Exception as exc:
-                raise ActorFailed(
-                    f"{act.actor_id} raised {type(exc).__name__}: {exc}",
-                    error_type=type(exc).__name__,
-                ) from exc
+            value = await act.actor.handle(ctx, message)
             result.append(encode_value(value, f"the reply of {act.actor_id}"))
 
         stored = await self._in_transaction(act, call, key, result)
@@ -660,6 +729,13 @@ class ActorRuntime:
             while len(act.replies) > window:
                 act.replies.popitem(last=False)
 
+    def _restore(self, act: _Activation) -> None:
+        """Rolls the actor's memory back to its last committed state (or marks it for a reload)."""
+        try:
+            act.actor.load_state(act.committed)
+        except Exception:  # its own code failed: rebuild it from the store before it runs again
+            act.stale = True
+
     async def _check_owner(self, act: _Activation) -> None:
         """Raises `_NotHandled` unless this activation may still act for its actor."""
         if not self._membership.holds_lease():
@@ -714,11 +790,8 @@ class ActorRuntime:
         act.ctx._writes = writes
         try:
             with trio.move_on_after(timeout_s) as deadline:
-                try:
-                    await body(act.ctx)
-                finally:
-                    act.ctx._writes = None
-                state = act.actor.dump_state()
+                await _run_body(act, body)
+                state = _hook(act.actor_id, "dump_state", act.actor.dump_state)
                 if writes or state != act.committed:
                     committing = True
                     await self._commit(act, writes, state, _idem(key, result), on_retry)
@@ -732,7 +805,7 @@ class ActorRuntime:
                     f"the commit of {act.actor_id} failed ({type(exc).__name__}) after an "
                     "attempt whose outcome is unknown; it may have applied"
                 ) from exc
-            act.actor.load_state(act.committed)
+            self._restore(act)
             if isinstance(exc, OwnershipLost):
                 act.lost = True
                 self._env.emit("actor.fenced", actor=str(act.actor_id), epoch=act.owner.epoch)
@@ -742,7 +815,7 @@ class ActorRuntime:
             if committing:
                 act.stale = True
             else:
-                act.actor.load_state(act.committed)
+                self._restore(act)
             raise
         if deadline.cancelled_caught:
             await self._reload(act)  # a commit cut short may have applied: ask the store
@@ -752,6 +825,50 @@ class ActorRuntime:
             )
         act.committed = state
         return None
+
+
+async def _run_body(act: _Activation, body: Callable[[ActorContext], Awaitable[None]]) -> None:
+    """Runs one hook or handler of the actor's; its own exceptions become `ActorFailed`."""
+    try:
+        await body(act.ctx)
+    except KelpieError:
+        raise
+    except Exception as exc:
+        raise ActorFailed(
+            f"{act.actor_id} raised {type(exc).__name__}: {exc}", error_type=type(exc).__name__
+        ) from exc
+    finally:
+        act.ctx._writes = None
+
+
+def _hook(actor_id: ActorId, what: str, fn: Callable[..., T], *args: Any) -> T:
+    """Calls the actor's own code; what it raises (but a Kelpie error) becomes `ActorFailed`."""
+    try:
+        return fn(*args)
+    except KelpieError:
+        raise
+    except Exception as exc:
+        raise ActorFailed(
+            f"{what} of {actor_id} raised {type(exc).__name__}: {exc}",
+            error_type=type(exc).__name__,
+        ) from exc
+
+
+def _copy_error(error: Exception) -> Exception:
+    """An error of the same meaning for one more caller (never one object raised in two tasks)."""
+    if isinstance(error, _NotHandled):
+        return _NotHandled(_copy_error(error.error), error.redirect)  # type: ignore[arg-type]
+    if isinstance(error, ActorFailed):
+        copy: Exception = ActorFailed(str(error), error_type=error.error_type)
+    elif isinstance(error, KelpieError):
+        try:
+            copy = type(error)(str(error))
+        except TypeError:
+            copy = ActorFailed(str(error), error_type=type(error).__name__)
+    else:
+        copy = ActorFailed(f"{type(error).__name__}: {error}", error_type=type(error).__name__)
+    copy.__cause__ = error
+    return copy
 
 
 def _idem(key: str | None, result: list[bytes] | None) -> tuple[str, bytes | None] | None:
@@ -811,7 +928,7 @@ async def _open_node(
 
         async def handle(payload: bytes) -> bytes:
             if runtime is None:  # not joined yet: nothing can be owned here
-                return reply_error(ActorUnavailable(f"node {env.node} is starting"))
+                return reply_not_handled(ActorUnavailable(f"node {env.node} is starting"))
             return await runtime.handle_request(payload)
 
         if env.network is not None:

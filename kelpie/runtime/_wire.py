@@ -6,10 +6,12 @@ same message wherever it was placed: a tuple arrives as a list, an int dict key
 as a str. `encode_value` refuses anything else with `InvalidMessage`.
 
 A request is one JSON object: `{"a": [namespace, id], "k": key, "m": message}`,
-with `"c": 1` when it comes from a client (route it) rather than a node. A
+with `"c": 1` when it comes from a client (route it) rather than a node, and
+`"i": request id` naming one send (duplicates share it). A
 reply is `{"v": value}`, or `{"e": error class name, "d": detail,
-"t": the actor's own error type (ActorFailed only)}`, or `{"r": address, "n":
-epoch}`: the actor is owned by that node, ask there. Errors travel by class
+"t": the actor's own error type (ActorFailed only)}`, or `{"x": error class name,
+"d": detail}`: the node did not handle the call at all (route it again), or
+`{"r": address, "n": epoch}`: the actor is owned by that node, ask there. Errors travel by class
 name and are raised on the calling node as the same Kelpie class; a name the
 caller does not know arrives as `ActorFailed`.
 """
@@ -23,6 +25,7 @@ import attrs
 
 from kelpie import env, storage
 from kelpie.core import KelpieError
+from kelpie.env import RemoteFailure
 from kelpie.runtime import _errors
 from kelpie.runtime._ids import ActorId, InvalidActorId
 
@@ -58,7 +61,12 @@ def decode_value(data: bytes) -> Any:
     return _DECODER.decode(data.decode())
 
 
-def check_idempotency_key(key: object) -> None:
+#: Keys the runtime makes for calls forwarded without one; callers may not use the prefix.
+GENERATED_KEY_PREFIX = "kelpie:"
+
+
+def check_idempotency_key(key: object, *, generated: bool = False) -> None:
+    """`InvalidMessage` unless `key` is None or a valid key (`generated`: the runtime's own)."""
     if key is None:
         return
     if not isinstance(key, str) or not key or len(key) > IDEMPOTENCY_KEY_MAX_CHARS:
@@ -66,20 +74,33 @@ def check_idempotency_key(key: object) -> None:
             f"an idempotency key is a non-empty str of at most {IDEMPOTENCY_KEY_MAX_CHARS} "
             f"characters, got {key!r:.80}"
         )
+    if not generated and key.startswith(GENERATED_KEY_PREFIX):
+        raise InvalidMessage(
+            f"idempotency keys starting with {GENERATED_KEY_PREFIX!r} are the runtime's own"
+        )
 
 
 def encode_request(
-    actor_id: ActorId, message: bytes, key: str | None, *, route: bool = False
+    actor_id: ActorId,
+    message: bytes,
+    key: str | None,
+    *,
+    route: bool = False,
+    request_id: str | None = None,
 ) -> bytes:
     """An invocation sent to a node; `message` is already JSON (`encode_value`).
 
     `route`: a client's call, which the node routes to the actor wherever it
     lives; otherwise a call forwarded by another node, for an actor it believes
-    this node owns (the node takes it, or redirects).
+    this node owns (the node takes it, or redirects). `request_id` names this
+    one send: a copy the network duplicated carries the same id and gets the
+    same answer as the first (a retry is a new send, with a new id).
     """
     head: dict[str, Any] = {"a": [actor_id.namespace, actor_id.id], "k": key}
     if route:
         head["c"] = 1
+    if request_id is not None:
+        head["i"] = request_id
     return b'{"m":' + message + b"," + _ENCODER.encode(head)[1:].encode()
 
 
@@ -91,6 +112,7 @@ class Request:
     message: Any
     key: str | None
     route: bool
+    request_id: str | None
 
 
 def decode_request(data: bytes) -> Request:
@@ -100,11 +122,13 @@ def decode_request(data: bytes) -> Request:
         namespace, id_ = obj["a"]
         key = obj["k"]
         message = obj["m"]
+        request_id = obj.get("i")
         actor_id = ActorId(namespace, id_)
-        check_idempotency_key(key)
+        check_idempotency_key(key, generated=True)
+        check_idempotency_key(request_id, generated=True)  # the same shape
     except (ValueError, KeyError, TypeError, InvalidActorId) as exc:
         raise InvalidMessage(f"malformed request between nodes: {exc}") from None
-    return Request(actor_id, message, key, bool(obj.get("c")))
+    return Request(actor_id, message, key, bool(obj.get("c")), request_id)
 
 
 def reply_value(value: bytes) -> bytes:
@@ -112,10 +136,16 @@ def reply_value(value: bytes) -> bytes:
 
 
 def reply_error(exc: BaseException) -> bytes:
+    """The call failed with `exc` (whether it was applied is what `exc` says)."""
     obj: dict[str, Any] = {"e": type(exc).__name__, "d": str(exc)}
     if isinstance(exc, _errors.ActorFailed):
         obj["t"] = exc.error_type
     return _ENCODER.encode(obj).encode()
+
+
+def reply_not_handled(exc: KelpieError) -> bytes:
+    """The node did not handle the call at all (nothing applied): route it again."""
+    return _ENCODER.encode({"x": type(exc).__name__, "d": str(exc)}).encode()
 
 
 def reply_redirect(address: str, epoch: int) -> bytes:
@@ -137,18 +167,32 @@ class Value:
     value: Any
 
 
-def decode_reply(data: bytes) -> Value | Redirect | KelpieError:
-    """The reply's value, a redirect, or the error to raise."""
+@attrs.frozen
+class NotHandled:
+    """The replying node did not handle the call; `error` says why."""
+
+    error: KelpieError
+
+
+def decode_reply(data: bytes) -> Value | Redirect | NotHandled | KelpieError:
+    """The reply's value, a redirect, a refusal, or the error to raise."""
     try:
         obj = decode_value(data)
         if "v" in obj:
             return Value(obj["v"])
         if "r" in obj:
             return Redirect(str(obj["r"]), int(obj["n"]))
-        name, detail = str(obj["e"]), str(obj["d"])
-    except (ValueError, KeyError, TypeError, KelpieError) as exc:
-        return _errors.ActorUnavailable(f"a malformed reply between nodes: {exc}")
+        refused = "x" in obj
+        name, detail = str(obj["x" if refused else "e"]), str(obj["d"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # The peer ran something and answered nonsense: whether it applied is unknown.
+        return RemoteFailure(f"a malformed reply between nodes: {exc}")
     cls = _KNOWN.get(name)
     if cls is None or cls is _errors.ActorFailed:
-        return _errors.ActorFailed(detail, error_type=str(obj.get("t", name)))
-    return cls(detail)
+        error: KelpieError = _errors.ActorFailed(detail, error_type=str(obj.get("t", name)))
+    else:
+        try:
+            error = cls(detail)
+        except TypeError:
+            error = _errors.ActorFailed(detail, error_type=name)
+    return NotHandled(error) if refused else error

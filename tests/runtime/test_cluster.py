@@ -21,16 +21,19 @@ from kelpie.env import Env, Rng
 from kelpie.runtime import (
     Actor,
     ActorContext,
+    ActorFailed,
     ActorId,
     ActorRuntime,
     ActorUnavailable,
     InvalidMessage,
+    MailboxFull,
     RuntimeConfig,
     local_first,
     open_runtime,
 )
+from kelpie.runtime._wire import encode_request
 from kelpie.sim import NetworkFaults, SimNetwork
-from kelpie.storage import MemoryStore, Store, Transaction, pack, transact
+from kelpie.storage import MemoryStore, StorageUnavailable, Store, Transaction, pack, transact
 
 FAST = RuntimeConfig(lease_duration_ms=1_000, lease_renew_ms=200, forward_timeout_ms=5_000)
 
@@ -287,5 +290,218 @@ def test_messages_must_be_json_values() -> None:
                 await n1.invoke(A, {"x": b"bytes"})
             with pytest.raises(InvalidMessage, match="idempotency key"):
                 await n1.invoke(A, "increment", idempotency_key="")
+
+    run(body)
+
+
+def test_forwarded_calls_are_applied_once_on_a_network_that_duplicates_everything() -> None:
+    """Calls without a key, forwarded over a network that delivers every request twice (late),
+    each apply once: the key made for a call is kept across its retries, and a duplicate gets the
+    first copy's answer, even a refusal."""
+
+    async def body(seed: int) -> list[Any]:
+        async with trio.open_nursery() as nursery:
+            network = SimNetwork(Rng(seed), NetworkFaults(delay_max_ms=500, duplicate_p=1.0))
+            config = attrs.evolve(FAST, placement=local_first, mailbox_size=1)
+            c = Cluster(MemoryStore(), network, nursery, config)
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            await n1.invoke(A, "increment")
+            nursery.start_soon(n1.invoke, A, {"sleep": 0.5})  # busy, so the mailbox fills
+            await trio.sleep(0)
+            outcomes: list[Any] = []
+            for _ in range(3):
+                try:
+                    outcomes.append(await n2.invoke(A, "increment"))
+                except MailboxFull:
+                    outcomes.append("full")
+            await trio.sleep(3)  # every late copy has arrived
+            outcomes.append(await n1.invoke(A, "get"))
+            for stop in c.stops.values():
+                stop.set()
+            return outcomes
+
+    for seed in range(8):
+        outcomes: list[Any] = []
+
+        async def main(seed: int = seed, outcomes: list[Any] = outcomes) -> None:
+            outcomes.extend(await body(seed))
+
+        run(main)
+        applied = [o for o in outcomes[:3] if o != "full"]
+        assert outcomes[3] == 2 + len(applied), (seed, outcomes)  # the sleep, then each ok once
+
+
+def test_a_request_and_its_duplicate_run_once_and_get_one_answer() -> None:
+    async def body() -> None:
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            n1 = await c.start("n1")
+            request = encode_request(A, b'"increment"', "kelpie:test:1", request_id="r1")
+            first, second = await trio_gather(
+                lambda: n1.handle_request(request), lambda: n1.handle_request(request)
+            )
+            assert first == second == b'{"v":1}'
+            assert await n1.invoke(A, "get") == 1
+
+    run(body)
+
+
+async def trio_gather(*fns: Callable[[], Awaitable[bytes]]) -> list[bytes]:
+    results: list[bytes] = [b""] * len(fns)
+
+    async def one(i: int) -> None:
+        results[i] = await fns[i]()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(fns)):
+            nursery.start_soon(one, i)
+    return results
+
+
+def test_callers_cannot_use_the_runtime_s_own_key_prefix() -> None:
+    async def body() -> None:
+        async with cluster() as c:
+            n1 = await c.start("n1")
+            with pytest.raises(InvalidMessage, match="the runtime's own"):
+                await n1.invoke(A, "increment", idempotency_key="kelpie:x")
+
+    run(body)
+
+
+class _SlowCommits(Store):
+    """A store whose writing commits can be made to fail or to take a while."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.writes_fail = False
+        self.commit_delay_s = 0.0
+
+    def transaction(self) -> Transaction:
+        return _SlowTransaction(self, self.inner.transaction())
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _SlowTransaction(Transaction):
+    def __init__(self, store: _SlowCommits, inner: Transaction) -> None:
+        self._store, self._inner, self._writes = store, inner, False
+
+    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
+        return await self._inner.get(key, snapshot=snapshot)
+
+    async def get_range(self, begin: bytes, end: bytes, **kw: Any) -> Any:
+        return await self._inner.get_range(begin, end, **kw)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self._writes = True
+        self._inner.set(key, value)
+
+    def clear(self, key: bytes) -> None:
+        self._writes = True
+        self._inner.clear(key)
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self._writes = True
+        self._inner.clear_range(begin, end)
+
+    async def read_version(self) -> int:
+        return await self._inner.read_version()
+
+    async def commit(self) -> None:
+        if self._writes and self._store.writes_fail:
+            raise StorageUnavailable("test: writes refused")
+        if self._writes and self._store.commit_delay_s:
+            await trio.sleep(self._store.commit_delay_s)
+        await self._inner.commit()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def test_a_renewal_racing_a_takeover_never_revives_the_lapsed_lease() -> None:
+    """n1's renewal reads its record just before the lease lapses and commits just after n2 took
+    A over: the takeover cleared n1's record, so the renewal conflicts, n1 learns it lapsed,
+    joins again with a new epoch, and never answers from the state n2 now owns."""
+
+    async def body() -> None:
+        memory = MemoryStore()
+        async with cluster(attrs.evolve(FAST, placement=local_first)) as c:
+            slow = _SlowCommits(memory)
+            c.store = slow
+            n1 = await c.start("n1")
+            c.store = memory
+            n2 = await c.start("n2")
+            assert await n1.invoke(A, "increment") == 1
+            deadline = n1._membership.deadline_s
+            while n1._membership.deadline_s == deadline:  # just after a renewal
+                await trio.sleep(0.001)
+            start, epoch = trio.current_time(), n1.epoch
+            slow.writes_fail = True  # renewals fail...
+            await trio.sleep(0.55)
+            slow.writes_fail, slow.commit_delay_s = False, 0.5  # ...then one commits late
+            await trio.sleep(start + 1.05 - trio.current_time())
+            assert await n2.invoke(A, "increment") == 2  # the lease lapsed: n2 takes A
+            await trio.sleep(start + 1.15 - trio.current_time())
+            slow.commit_delay_s = 0
+            assert await n1.invoke(A, "get") == 2  # never the stale 1
+            await trio.sleep(2)
+            assert n1.epoch != epoch
+            assert await n1.invoke(A, "get") == 2 and await n2.invoke(A, "get") == 2
+
+    run(body)
+
+
+def test_a_draining_node_lets_go_of_idle_actors_at_once() -> None:
+    """While n1 drains one busy actor, its other actors are free for n2 right away."""
+
+    async def body() -> None:
+        config = attrs.evolve(FAST, placement=local_first, invocation_timeout_ms=20_000)
+        async with cluster(config) as c:
+            n1 = await c.start("n1")
+            n2 = await c.start("n2")
+            await n1.invoke(A, "increment")
+            c.nursery.start_soon(n1.invoke, ActorId("counter", "busy"), {"sleep": 8})
+            await trio.sleep(0.1)
+            c.stops["n1"].set()
+            await trio.sleep(0.5)
+            started = trio.current_time()
+            assert await n2.invoke(A, "increment") == 2
+            assert trio.current_time() - started < 1
+
+    run(body)
+
+
+class Broken(Counter):
+    def __init__(self, actor_id: ActorId) -> None:
+        super().__init__(actor_id)
+        if actor_id.id == "factory":
+            raise RuntimeError("cannot build")
+
+    def dump_state(self) -> bytes | None:
+        if self.value >= 2:
+            raise TypeError("state not serializable")
+        return super().dump_state()
+
+    async def activate(self, ctx: ActorContext) -> None:
+        if ctx.actor_id.id == "activate":
+            raise RuntimeError("cannot connect")
+
+
+def test_exceptions_from_the_actor_s_own_code_arrive_as_actor_failed() -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            c = Cluster(MemoryStore(), SimNetwork(Rng(1), NetworkFaults()), nursery, FAST)
+            env = c.env("n1")
+            async with open_runtime(c.store, env, Broken, FAST) as n1:
+                with pytest.raises(ActorFailed, match="factory of counter/factory raised Runt"):
+                    await n1.invoke(ActorId("counter", "factory"), "increment")
+                with pytest.raises(ActorFailed, match="RuntimeError: cannot connect") as one:
+                    await n1.invoke(ActorId("counter", "activate"), "increment")
+                assert one.value.error_type == "RuntimeError"
+                assert await n1.invoke(A, "increment") == 1
+                with pytest.raises(ActorFailed, match="dump_state of counter/a raised TypeError"):
+                    await n1.invoke(A, "increment")
+                assert await n1.invoke(A, "get") == 1
 
     run(body)
