@@ -141,6 +141,8 @@ class RuntimeConfig:
     membership_retry: RetryPolicy = attrs.Factory(
         lambda: RetryPolicy(attempts_max=5, backoff_initial_ms=10, backoff_max_ms=200)
     )
+    #: How long a starting node keeps trying to join the cluster while the store fails.
+    start_timeout_ms: int = attrs.field(default=60_000, validator=attrs.validators.ge(1))
     #: How long a call forwarded to another node may take before its outcome is unknown.
     forward_timeout_ms: int = attrs.field(default=75_000, validator=attrs.validators.ge(1))
     #: How routing retries when nothing was delivered (redirects, moves, unreachable owners).
@@ -880,6 +882,23 @@ def _idem(key: str | None, result: list[bytes] | None) -> tuple[str, bytes | Non
     return key, reply if keep else None
 
 
+async def _join(membership: Membership, env: Env, config: RuntimeConfig) -> None:
+    """Joins the cluster, retrying the store for up to `start_timeout_ms`, then raises."""
+    deadline = trio.current_time() + config.start_timeout_ms / 1000
+    attempt = 1
+    while True:
+        try:
+            await membership.join()
+        except StorageError:
+            pause_s = config.membership_retry.backoff_ms(attempt, env.rng) / 1000
+            if trio.current_time() + pause_s > deadline:
+                raise
+            await trio.sleep(pause_s)
+            attempt += 1
+        else:
+            return
+
+
 def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
@@ -940,14 +959,15 @@ async def _open_node(
             lease_duration_ms=config.lease_duration_ms,
             retry=config.membership_retry,
         )
-        await membership.join()
+        await _join(membership, env, config)
         runtime = ActorRuntime(store, env, factory, config, membership)
         services.start_soon(runtime.keep_lease, name=f"lease {env.node}")
         try:
             async with trio.open_nursery() as actors:
                 runtime._nursery = actors
                 try:
-                    runtime._nodes = await membership.live_nodes()
+                    with contextlib.suppress(StorageError):  # else the first renewal fills it
+                        runtime._nodes = await membership.live_nodes()
                     yield runtime
                 finally:
                     runtime._closing = True

@@ -19,6 +19,10 @@ Fault model (what `SimStore` injects, and what it never does):
 - Unavailability windows: outages start at outage_rate_per_s (a Poisson process
   in virtual time) and last up to outage_max_ms; during one every read and
   commit raises `StorageUnavailable`.
+- Clock drift: the store's clock (read versions, in microseconds) runs at a
+  rate drawn once per run within clock_drift_ppm of real time, as a real
+  store's clock may run against a node's monotonic clock. Leases are judged on
+  it (kelpie/runtime/_membership.py), so drift shortens or stretches them.
 - Corruption: with probability corruption_p a read hands back the stored bytes
   with one bit flipped; the checksum catches it and the read raises
   `CorruptionDetected` (retryable). A corrupted value is never served.
@@ -55,6 +59,7 @@ from kelpie.env import Rng
 from kelpie.sim._nodes import CURRENT_NODE
 from kelpie.sim._pauses import NodePauses
 from kelpie.storage import (
+    VERSIONS_PER_SECOND,
     BufferedTransaction,
     CommitUnknownResult,
     Conflict,
@@ -84,6 +89,9 @@ class StorageFaults:
     corruption_p: float = 0.0
     outage_rate_per_s: float = 0.0
     outage_max_ms: float = 0.0
+    #: The store's clock (its read versions) runs at a rate drawn once per run, uniformly
+    #: within this many parts per million of real (trio) time.
+    clock_drift_ppm: float = 0.0
 
     @classmethod
     def every(cls) -> StorageFaults:
@@ -98,6 +106,7 @@ class StorageFaults:
             corruption_p=0.01,
             outage_rate_per_s=0.5,
             outage_max_ms=200.0,
+            clock_drift_ppm=100_000.0,
         )
 
     def describe(self) -> str:
@@ -116,6 +125,17 @@ class RecordedTransaction:
     commit_version: int | None  # None: read-only, serialized at its read version
     reads: tuple[SnapshotRead, ...]
     mutations: Mutations | None
+
+
+class _DriftingMemoryStore(MemoryStore):
+    """The reference model, with its clock (read versions) running at `rate` x real time."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self._rate = rate
+
+    def _clock_version(self) -> int:
+        return int(trio.current_time() * self._rate * VERSIONS_PER_SECOND)
 
 
 class SimStore(Store):
@@ -138,7 +158,10 @@ class SimStore(Store):
         With `pauses`, each node's reads and commits wait out its pauses (the node
         is the transaction's task's `CURRENT_NODE`).
         """
-        self.inner = MemoryStore()
+        drift = rng.fork("clock").uniform(-1, 1) * faults.clock_drift_ppm / 1e6
+        #: How fast the store's clock runs against real time (1: exactly).
+        self.clock_rate = 1.0 + drift
+        self.inner = _DriftingMemoryStore(self.clock_rate)
         self.faults = faults
         self.check_conflicts = check_conflicts
         self.history: list[RecordedTransaction] = []

@@ -198,7 +198,28 @@ BASELINES = {"outage": StorageFaults(latency_max_ms=5.0)}
 def test_every_declared_fault_is_exercised_here() -> None:
     declared = {f.name for f in attrs.fields(StorageFaults)}
     covered = {name for spec, _ in FAULTS.values() for name, v in attrs.asdict(spec).items() if v}
-    assert covered == declared
+    assert covered | {"clock_drift_ppm"} == declared  # the clock: the test below
+
+
+def test_the_store_clock_drifts_within_its_bound_and_leases_feel_it() -> None:
+    """Each run draws one rate for the store's clock, within clock_drift_ppm of real time."""
+    rates = set()
+    for seed in range(20):
+        store = SimStore(Rng(seed), StorageFaults(clock_drift_ppm=100_000))
+        assert 0.9 <= store.clock_rate <= 1.1
+        rates.add(round(store.clock_rate, 6))
+
+        async def main(store: SimStore = store) -> None:
+            async with store.transaction() as tr:
+                start = await tr.read_version()
+            await trio.sleep(10)
+            async with store.transaction() as tr:
+                elapsed = await tr.read_version() - start
+            assert abs(elapsed - 10_000_000 * store.clock_rate) <= 2
+
+        _run(main)
+    assert len(rates) == 20
+    assert SimStore(Rng(1)).clock_rate == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(FAULTS))
