@@ -46,6 +46,8 @@ bench: install
 	$(PY) bench/storage_sqlite.py
 	$(PY) bench/storage_postgres.py
 	$(PY) bench/actors_runtime.py
+	$(PY) bench/actors_cluster.py
+	$(PY) bench/actors_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

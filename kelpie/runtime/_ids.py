@@ -37,7 +37,7 @@ def _check_part(name: str, value: object) -> None:
         )
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class ActorId:
     """One actor: `namespace` (its kind, e.g. "agent") and `id` (which one)."""
 

@@ -120,6 +120,13 @@ from kelpie.storage import (
 
 T = TypeVar("T")
 
+#: How many answers to other nodes' requests a node keeps for their duplicates (each also
+#: expires after 2 x forward_timeout_ms). A duplicate arriving later still cannot apply a
+#: committed call twice: the actor's idempotency window catches it.
+_REQUESTS_KEPT_MAX = 10_000
+#: How many actor locations a node remembers (routing hints; a wrong one is redirected).
+_ROUTES_KEPT_MAX = 10_000
+
 #: Room an idempotency record needs besides its reply.
 _IDEM_OVERHEAD_BYTES = 1_024
 
@@ -210,6 +217,9 @@ class _Activation:
         self.owner = owner
         self.send, self.receive = trio.open_memory_channel[_Message](size)
         self.committed: bytes | None = None
+        #: What `dump_state()` gave for the committed state: a state equal to it is unchanged
+        #: (a new actor's initial state needs no commit of its own).
+        self.clean: bytes | None = None
         #: Recent idempotency keys -> stored reply (None: too large to keep), oldest first.
         self.replies: collections.OrderedDict[str, bytes | None] = collections.OrderedDict()
         self.idem_next = 0
@@ -251,6 +261,9 @@ class ActorRuntime:
         self._active: collections.OrderedDict[ActorId, _Activation] = collections.OrderedDict()
         self._closing = False
         self._nodes: list[NodeRecord] = []
+        #: Actors placed on each node (by epoch) since the loads were last read.
+        self._placed: dict[int, int] = {}
+        self._routes: collections.OrderedDict[ActorId, NodeRecord] = collections.OrderedDict()
         self._forwarded = itertools.count()
         self._nonce = f"{env.rng.getrandbits(64):016x}"
         #: Requests from other nodes by id, answered or under way (duplicates get the same).
@@ -348,18 +361,45 @@ class ActorRuntime:
                 return decode_value(await self._deliver(act, decode_value(data), key))
 
     async def _place(self, actor_id: ActorId) -> NodeRecord:
-        """The node to send the call to: its owner, or where placement puts it."""
+        """The node to send the call to: its owner, or where placement puts it.
+
+        A node remembers where it last sent each actor (a hint: a node that does not
+        own it redirects, and a failed send forgets it), so a forwarded call usually
+        costs no store read.
+        """
+        route = self._routes.get(actor_id)
+        if route is not None and any(node.epoch == route.epoch for node in self._nodes):
+            self._routes.move_to_end(actor_id)
+            return route
 
         async def find(tr: Transaction) -> NodeRecord | None:
             return (await locate(tr, actor_id)).node
 
         owner = await transact(self._store, find, rng=self._env.rng, policy=self._config.load_retry)
-        if owner is not None:
-            return owner
-        me = NodeRecord(self.epoch, self.name, self.address, 0, len(self._active), self._closing)
-        nodes = [node for node in self._nodes if node.epoch != me.epoch]
-        nodes.append(me)
-        return self._config.placement(nodes, me, self._env.rng)
+        if owner is None:
+            # Loads as last published, plus what this node placed since: every node is
+            # judged equally stale, and a burst of new actors spreads out.
+            me = NodeRecord(self.epoch, self.name, self.address, 0, 0, self._closing)
+            nodes = [node for node in self._nodes if node.epoch != me.epoch]
+            nodes.append(next((n for n in self._nodes if n.epoch == me.epoch), me))
+            nodes = [
+                attrs.evolve(node, load=node.load + self._placed.get(node.epoch, 0))
+                for node in nodes
+            ]
+            owner = self._config.placement(nodes, me, self._env.rng)
+            self._placed[owner.epoch] = self._placed.get(owner.epoch, 0) + 1
+        if owner.epoch != self.epoch:
+            self._remember(actor_id, owner)
+        return owner
+
+    def _remember(self, actor_id: ActorId, node: NodeRecord | None) -> None:
+        if node is None:
+            self._routes.pop(actor_id, None)
+            return
+        self._routes[actor_id] = node
+        self._routes.move_to_end(actor_id)
+        while len(self._routes) > _ROUTES_KEPT_MAX:
+            self._routes.popitem(last=False)
 
     async def _deliver(self, act: _Activation, message: Any, key: str | None) -> bytes:
         reply = _Reply()
@@ -393,6 +433,7 @@ class ActorRuntime:
         except FrameTooLarge:
             raise
         except NetworkError as exc:
+            self._remember(actor_id, None)
             if exc.maybe_delivered:
                 raise
             raise _NotHandled(ActorUnavailable(f"node {node.name} is unreachable: {exc}")) from None
@@ -401,8 +442,10 @@ class ActorRuntime:
             return result.value
         if isinstance(result, Redirect):
             target = NodeRecord(result.epoch, "?", result.address, 0, 0, False)
+            self._remember(actor_id, target)
             raise _NotHandled(ActorUnavailable(f"{actor_id} moved"), redirect=target)
         if isinstance(result, NotHandled):
+            self._remember(actor_id, None)
             raise _NotHandled(result.error)
         raise result
 
@@ -423,9 +466,9 @@ class ActorRuntime:
         if request.request_id is None:
             return await self._answer(request)
         now = trio.current_time()
-        while self._requests:  # forget answers older than any copy can be
+        while self._requests:  # forget answers older than any copy can be, or too many
             oldest = next(iter(self._requests.values()))
-            if oldest.expires_s > now:
+            if oldest.expires_s > now and len(self._requests) < _REQUESTS_KEPT_MAX:
                 break
             self._requests.popitem(last=False)
         seen = self._requests.get(request.request_id)
@@ -500,6 +543,7 @@ class ActorRuntime:
                 ):
                     await self._rejoin()
                 self._nodes = await self._membership.live_nodes()
+                self._placed.clear()
             except StorageError:
                 continue  # the next round tries again; past the deadline the node waits
 
@@ -517,8 +561,7 @@ class ActorRuntime:
         assert self._nursery is not None
         if self._closing:
             raise _NotHandled(RuntimeClosed(f"node {self.name} is leaving; {actor_id} not taken"))
-        cap = self._config.active_max
-        if len(self._active) >= cap and sum(not a.stopping for a in self._active.values()) >= cap:
+        if len(self._active) >= self._config.active_max:
             self._evict_one()
         owner = Owner(self.epoch, self.name)
         ctx = ActorContext(actor_id, self._env, self._store, owner.epoch)
@@ -534,7 +577,8 @@ class ActorRuntime:
         return act
 
     def _evict_one(self) -> None:
-        """Asks the least recently used idle actor to deactivate (the cap is soft)."""
+        """Asks the least recently used idle actor to deactivate (the cap is soft: those
+        already stopping still count until they are gone)."""
         for act in self._active.values():
             if not act.busy and not act.stopping:
                 act.request_stop()
@@ -660,6 +704,7 @@ class ActorRuntime:
             return other
         act.committed = data
         _hook(act.actor_id, "load_state", act.actor.load_state, data)
+        act.clean = _hook(act.actor_id, "dump_state", act.actor.dump_state)
         act.replies.clear()
         for _, value in reversed(rows):
             idem_key, reply = unpack(value)
@@ -708,7 +753,7 @@ class ActorRuntime:
                     tr.clear(full)
                 else:
                     tr.set(full, value)
-            if state != act.committed:
+            if state != act.clean:
                 if state is None:
                     clear_blob(tr, key)
                 else:
@@ -794,7 +839,7 @@ class ActorRuntime:
             with trio.move_on_after(timeout_s) as deadline:
                 await _run_body(act, body)
                 state = _hook(act.actor_id, "dump_state", act.actor.dump_state)
-                if writes or state != act.committed:
+                if writes or state != act.clean:
                     committing = True
                     await self._commit(act, writes, state, _idem(key, result), on_retry)
         except Exception as exc:
@@ -825,7 +870,7 @@ class ActorRuntime:
                 f"{act.actor_id} took longer than {self._config.invocation_timeout_ms} ms; "
                 "its commit, if one was under way, may have applied"
             )
-        act.committed = state
+        act.committed = act.clean = state
         return None
 
 
