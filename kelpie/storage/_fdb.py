@@ -83,9 +83,16 @@ def _select_api() -> None:
             ) from exc
 
 
-def _translate(exc: Exception) -> StorageError:
+#: Errors that, raised by a commit, leave its outcome unknown (FDB's automatic idempotency
+#: documentation: transaction_timed_out and cluster_version_changed).
+_UNKNOWN_WHEN_COMMITTING = frozenset({1031, 1039})
+
+
+def _translate(exc: Exception, *, committing: bool = False) -> StorageError:
     """The Kelpie error for an FDB error (retryable ones not listed become StorageUnavailable)."""
     code = getattr(exc, "code", None)
+    if committing and code in _UNKNOWN_WHEN_COMMITTING:
+        return CommitUnknownResult(f"FoundationDB error {code} during commit: {exc}")
     if isinstance(code, int):
         kind = _ERRORS.get(code)
         if kind is not None:
@@ -98,7 +105,7 @@ def _translate(exc: Exception) -> StorageError:
     return StorageUnavailable(f"FoundationDB client failed: {exc}")
 
 
-async def _wait(future: Any) -> Any:
+async def _wait(future: Any, *, committing: bool = False) -> Any:
     """The value of an FDB future, awaited in trio without blocking the thread."""
     if not future.is_ready():
         token = trio.lowlevel.current_trio_token()
@@ -117,7 +124,7 @@ async def _wait(future: Any) -> Any:
     try:
         return future.wait()
     except fdb.FDBError as exc:
-        raise _translate(exc) from exc
+        raise _translate(exc, committing=committing) from exc
 
 
 class FdbStore(Store):
@@ -225,7 +232,7 @@ class FdbTransaction(Transaction):
     async def commit(self) -> None:
         self._check()
         self._done = True
-        await _wait(self._tr.commit())
+        await _wait(self._tr.commit(), committing=True)
 
     async def aclose(self) -> None:
         if not self._done:

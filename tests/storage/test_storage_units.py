@@ -31,6 +31,7 @@ from kelpie.storage import (
     VALUE_SIZE_MAX_BYTES,
     VERSIONS_PER_SECOND,
     BlobCorrupt,
+    CommitUnknownResult,
     Conflict,
     InvalidKey,
     InvalidRange,
@@ -40,6 +41,7 @@ from kelpie.storage import (
     RetryPolicy,
     StorageUnavailable,
     Transaction,
+    TransactionTooOld,
     intersects,
     key_after,
     pack,
@@ -614,3 +616,20 @@ def test_a_blob_whose_chunk_keys_would_be_too_long_buffers_nothing() -> None:
             assert await read_blob(tr, prefix) == b""
 
     trio.run(main)
+
+
+def test_fdb_errors_that_leave_a_commit_unknown_are_commit_unknown_result() -> None:
+    """transaction_timed_out (1031) and cluster_version_changed (1039) during a commit may have
+    committed (FoundationDB's documentation); elsewhere a timeout wrote nothing."""
+    pytest.importorskip("fdb")
+    from kelpie.storage import _fdb
+
+    class FakeFdbError(Exception):  # the real one needs libfdb_c to render its message
+        def __init__(self, code: int) -> None:
+            super().__init__(f"error {code}")
+            self.code = code
+
+    assert isinstance(_fdb._translate(FakeFdbError(1031), committing=True), CommitUnknownResult)
+    assert isinstance(_fdb._translate(FakeFdbError(1039), committing=True), CommitUnknownResult)
+    assert isinstance(_fdb._translate(FakeFdbError(1031)), TransactionTooOld)
+    assert isinstance(_fdb._translate(FakeFdbError(1021)), CommitUnknownResult)
