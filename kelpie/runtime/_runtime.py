@@ -182,6 +182,12 @@ class _NotHandled(Exception):
         self.redirect = redirect
 
 
+#: The answer a duplicate gets when the node stopped while handling the first copy.
+_INTERRUPTED = reply_error(
+    InvocationInterrupted("the node stopped while handling this call; it may have applied")
+)
+
+
 class _Answer:
     """The answer to one request from another node, kept for duplicates of it."""
 
@@ -190,9 +196,7 @@ class _Answer:
     def __init__(self, expires_s: float) -> None:
         self.done = trio.Event()
         self.expires_s = expires_s
-        self.reply = reply_error(
-            InvocationInterrupted("the node stopped while handling this call; it may have applied")
-        )
+        self.reply = _INTERRUPTED
 
 
 class _Reply:
