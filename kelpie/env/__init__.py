@@ -10,6 +10,7 @@ from kelpie.env._clock import Clock, SystemClock
 from kelpie.env._env import Env
 from kelpie.env._events import EventSink, LoggingEventSink
 from kelpie.env._faults import Faults, NoFaults, check_site_name
+from kelpie.env._http import RealHttpTransport
 from kelpie.env._network import (
     DeliveryUnknown,
     FrameTooLarge,
@@ -35,6 +36,7 @@ __all__ = [
     "NetworkError",
     "NoFaults",
     "NodeNetwork",
+    "RealHttpTransport",
     "RemoteFailure",
     "Rng",
     "SystemClock",

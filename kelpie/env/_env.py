@@ -4,8 +4,8 @@ An `Env` carries every source of time, randomness and faults a Kelpie module may
 use, plus the sink for its application events. There is no global Env and no
 "am I simulated?" question anywhere: production builds one with
 `Env.production()`, the simulator builds one per simulated node, and the code in
-between cannot tell them apart. Later layers add their own fields (storage,
-node network, HTTP transport, process launcher) here.
+between cannot tell them apart. Later layers add their own fields (the process
+launcher) here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import logging
 import os
 
 import attrs
+import httpx2
 
 from kelpie.env._clock import Clock, SystemClock
 from kelpie.env._events import EventSink, LoggingEventSink
 from kelpie.env._faults import Faults, NoFaults
+from kelpie.env._http import RealHttpTransport
 from kelpie.env._network import NodeNetwork
 from kelpie.env._rng import Rng
 
@@ -35,6 +37,8 @@ class Env:
     node: str = "local"
     #: How this node reaches the other nodes of its cluster (None: it runs alone).
     network: NodeNetwork | None = None
+    #: Outbound HTTP (LLM and embedding APIs, MCP over HTTP); see kelpie/env/_http.py.
+    http: httpx2.AsyncBaseTransport = attrs.field(factory=RealHttpTransport)
 
     @classmethod
     def production(
