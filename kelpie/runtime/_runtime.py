@@ -720,7 +720,11 @@ class ActorRuntime:
         result: list[bytes] = []
 
         async def call(ctx: ActorContext) -> None:
-            value = await act.actor.handle(ctx, message)
+            ctx._checkpoint = functools.partial(self._checkpoint, act)
+            try:
+                value = await act.actor.handle(ctx, message)
+            finally:
+                ctx._checkpoint = None
             result.append(encode_value(value, f"the reply of {act.actor_id}"))
 
         stored = await self._in_transaction(act, call, key, result)
@@ -779,6 +783,32 @@ class ActorRuntime:
             act.idem_next = seq + 1
             while len(act.replies) > window:
                 act.replies.popitem(last=False)
+
+    async def _checkpoint(self, act: _Activation) -> None:
+        """Commits what the running handler has done so far (ActorContext.checkpoint)."""
+        writes = act.ctx._buffer()
+        state = _hook(act.actor_id, "dump_state", act.actor.dump_state)
+        if not writes and state == act.clean:
+            return
+        uncertain: list[bool] = []
+
+        def on_retry(exc: Exception, attempt: int) -> None:
+            if isinstance(exc, CommitUnknownResult):
+                uncertain.append(True)
+
+        try:
+            await self._commit(act, dict(writes), state, None, on_retry)
+        except CommitUnknownResult:
+            raise
+        except Exception as exc:
+            if uncertain:
+                raise CommitUnknownResult(
+                    f"a checkpoint of {act.actor_id} failed ({type(exc).__name__}) after an "
+                    "attempt whose outcome is unknown; it may have applied"
+                ) from exc
+            raise
+        writes.clear()
+        act.committed = act.clean = state
 
     def _restore(self, act: _Activation) -> None:
         """Rolls the actor's memory back to its last committed state (or marks it for a reload)."""

@@ -7,6 +7,8 @@ docs/SIMULATION.md for how to run, reproduce and read a simulated run.
 
 from kelpie.sim._clock import NodeWallClock, VirtualClock
 from kelpie.sim._faults import ClockFaults, FaultConfig, SimFaults, SiteRecord
+from kelpie.sim._http import HttpHandler, SimHttp
+from kelpie.sim._llm import LLMFaults, SimLLM
 from kelpie.sim._network import NetworkFaults, SimEndpoint, SimNetwork
 from kelpie.sim._nodes import SimNode
 from kelpie.sim._pauses import NodePauses, PauseFaults
@@ -46,6 +48,8 @@ __all__ = [
     "FaultConfig",
     "FifoChoices",
     "Finding",
+    "HttpHandler",
+    "LLMFaults",
     "NetworkFaults",
     "NodePauses",
     "NodeWallClock",
@@ -62,6 +66,8 @@ __all__ = [
     "SimContext",
     "SimEndpoint",
     "SimFaults",
+    "SimHttp",
+    "SimLLM",
     "SimNetwork",
     "SimNode",
     "SimStore",

@@ -23,9 +23,12 @@ Fault model (what this module injects, and what it does not):
 - Crashes are not a configured fault: a scenario crashes a node by cancelling
   its tasks (and restarts it by starting them again); what survives is what the
   store committed.
-- Not injected yet: LLM, MCP and sandbox faults: each arrives with its
-  simulated component in a later issue and is listed in docs/SIMULATION.md
-  when it does.
+- LLM faults (`LLMFaults`, injected by the simulated LLM behind the run's
+  simulated HTTP: hangs, 429s with Retry-After, 5xx, unknown tools, malformed
+  and refusable tool arguments, over-long replies, truncated and cut streams;
+  its fault model is the docstring of kelpie/sim/_llm.py).
+- Not injected yet: MCP and sandbox faults: each arrives with its simulated
+  component in a later issue and is listed in docs/SIMULATION.md when it does.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from collections.abc import Callable
 import attrs
 
 from kelpie.env import Rng, check_site_name
+from kelpie.sim._llm import LLMFaults
 from kelpie.sim._network import NetworkFaults
 from kelpie.sim._pauses import PauseFaults
 from kelpie.sim._storage import StorageFaults
@@ -69,6 +73,7 @@ class FaultConfig:
     storage: StorageFaults = attrs.Factory(StorageFaults)
     network: NetworkFaults = attrs.Factory(NetworkFaults)
     pauses: PauseFaults = attrs.Factory(PauseFaults)
+    llm: LLMFaults = attrs.Factory(LLMFaults)
 
     def describe(self) -> str:
         """One line naming every fault setting."""
@@ -79,7 +84,8 @@ class FaultConfig:
         )
         return (
             f"{bug} clock({self.clock.describe()}) storage({self.storage.describe()}) "
-            f"network({self.network.describe()}) pauses({self.pauses.describe()})"
+            f"llm({self.llm.describe()}) network({self.network.describe()}) "
+            f"pauses({self.pauses.describe()})"
         )
 
 

@@ -45,6 +45,8 @@ from kelpie.env import Env, Rng
 from kelpie.sim import _trio_hooks
 from kelpie.sim._clock import NodeWallClock, VirtualClock
 from kelpie.sim._faults import FaultConfig, SimFaults
+from kelpie.sim._http import SimHttp
+from kelpie.sim._llm import SimLLM
 from kelpie.sim._network import SimNetwork
 from kelpie.sim._nodes import CURRENT_NODE, SimNode
 from kelpie.sim._pauses import NodePauses
@@ -138,6 +140,20 @@ class SimContext:
     def pauses(self) -> NodePauses:
         """The run's node pauses: `pause(node, duration_s)`, and `quiesce()` for liveness."""
         return self._run.pauses
+
+    @property
+    def http(self) -> SimHttp:
+        """The run's simulated outbound HTTP (each node's `env.http`): `register(host, handler)`."""
+        return self._run.http
+
+    def llm(self, host: str = "llm.sim") -> SimLLM:
+        """The simulated LLM served at `host` (made and registered on first use).
+
+        It injects the run's `FaultConfig(llm=...)` faults, each an `llm.fault`
+        trace row. Point the SDKs at `http://<host>/v1` (OpenAI) or
+        `http://<host>` (Anthropic).
+        """
+        return self._run.get_llm(host)
 
     def node(self, name: str) -> SimNode:
         for node in self.nodes:
@@ -237,6 +253,8 @@ class _Run:
             on_fault=self._on_network_fault,
             pauses=self.pauses,
         )
+        self.http = SimHttp(self.rng.fork("http"), pauses=self.pauses)
+        self._llms: dict[str, SimLLM] = {}
         self.nodes = tuple(self._make_node(i) for i in range(config.nodes))
         self.sanitizer = Sanitizer(
             rng=self.rng.fork("sanitizer"),
@@ -284,6 +302,7 @@ class _Run:
             events=_TraceSink(self, name),
             node=name,
             network=self.network.endpoint(name),
+            http=self.http,
         )
         return SimNode(name=name, env=env, clock=clock)
 
@@ -316,6 +335,20 @@ class _Run:
                 pauses=self.pauses,
             )
         return self._store
+
+    def get_llm(self, host: str) -> SimLLM:
+        llm = self._llms.get(host)
+        if llm is None:
+            llm = self._llms[host] = SimLLM(
+                self.rng.fork(f"llm:{host}"),
+                faults=self.config.faults.llm,
+                on_fault=self._on_llm_fault,
+            )
+            self.http.register(host, llm)
+        return llm
+
+    def _on_llm_fault(self, kind: str, fields: dict[str, object]) -> None:
+        self.emit(CURRENT_NODE.get(), "llm.fault", {"kind": kind, **fields})
 
     def _on_storage_fault(self, kind: str, fields: dict[str, object]) -> None:
         self.emit(CURRENT_NODE.get(), "storage.fault", {"kind": kind, **fields})

@@ -186,6 +186,16 @@ def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
 
 
 @pytest.mark.slow
+def test_determinism_holds_on_40_seeds_of_conversations() -> None:
+    """Acceptance: agents talking through the SDKs replay identically in fresh processes."""
+    done = kelpie(
+        "sim", "--check-determinism", "--seeds", "40", "--scenario", "conversations", timeout=3000
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    assert "deterministic: 40 runs of conversations" in done.stdout
+
+
+@pytest.mark.slow
 def test_sweep_catches_the_cluster_without_its_commit_fence() -> None:
     """Acceptance: a 200-seed sweep of `cluster_unfenced` (fencing switched off) fails."""
     done = kelpie("sweep", "--seeds", "200", "--scenario", "cluster_unfenced", timeout=3000)

@@ -16,6 +16,8 @@ def test_registry_lists_every_scenario() -> None:
         "bank",
         "cluster",
         "cluster_unfenced",
+        "conversations",
+        "conversations_unresumed",
         "cycle",
         "deadlock",
         "hang",
@@ -24,7 +26,15 @@ def test_registry_lists_every_scenario() -> None:
         "race_fixed",
         "ring",
     }
-    assert scenarios.default_names() == ["actors", "bank", "cluster", "cycle", "race_fixed", "ring"]
+    assert scenarios.default_names() == [
+        "actors",
+        "bank",
+        "cluster",
+        "conversations",
+        "cycle",
+        "race_fixed",
+        "ring",
+    ]
     with pytest.raises(KeyError, match="known: actors, bank, cluster"):
         scenarios.get("nope")
 
@@ -53,6 +63,31 @@ def test_cluster_passes_and_its_runs_differ() -> None:
     failures = [r for r in results if not r.ok]
     assert not failures, failures[0].failure
     assert len({r.trace_hash for r in results}) == 12
+
+
+def test_conversations_pass_and_their_runs_differ() -> None:
+    """Agents under LLM, storage and crash faults (1,000 seeds in the slow tier): 6 seeds pass
+    in-process, each with its own interleaving."""
+    conversations = scenarios.get("conversations")
+    results = [run_scenario(conversations, seed) for seed in range(6)]
+    failures = [r for r in results if not r.ok]
+    assert not failures, failures[0].failure
+    assert len({r.trace_hash for r in results}) == 6
+
+
+def test_conversations_catch_an_agent_that_restarts_interrupted_turns() -> None:
+    """With resumption off, some seed below 10 stores an acknowledged message twice, and
+    rerunning that seed repeats it exactly."""
+    planted = scenarios.get("conversations_unresumed")
+    for seed in range(10):
+        result = run_scenario(planted, seed)
+        if not result.ok:
+            break
+    else:
+        raise AssertionError("no seed below 10 caught the planted bug")
+    assert result.failure is not None and "in recall" in result.failure.message
+    again = run_scenario(planted, seed)
+    assert again.trace_hash == result.trace_hash
 
 
 def test_unfenced_cluster_is_caught_and_reproduces() -> None:
