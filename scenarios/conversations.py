@@ -276,6 +276,7 @@ class ConversationsWorkload(Workload):
         agent.sent[otid] = True
         rounds = 0
         while answer["stop_reason"]["stop_reason"] == "requires_approval":
+            _note_pauses(agent, answer["messages"])
             rounds += 1
             if rounds > agent.max_steps:
                 raise CheckFailed(f"{agent.id}: more approval rounds than steps in one turn")

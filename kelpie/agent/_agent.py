@@ -42,13 +42,7 @@ from kelpie.agent._archival import (
     passages_by_seq,
     store_passage,
 )
-from kelpie.agent._blocks import (
-    CORE_MEMORY_MAX_CHARS,
-    Block,
-    BlockError,
-    BlockNotFound,
-    block_actor_id,
-)
+from kelpie.agent._blocks import Block, BlockNotFound, BlockStore
 from kelpie.agent._embedding import Embedder
 from kelpie.agent._errors import (
     AgentExists,
@@ -88,7 +82,9 @@ from kelpie.agent._prompt import (
     system_prompt,
 )
 from kelpie.agent._recall import (
+    MESSAGE_MAX_BYTES,
     Message,
+    encoded_size,
     messages_from,
     page_messages,
     search_messages,
@@ -105,6 +101,7 @@ from kelpie.agent._tools import (
 from kelpie.agent._working import working_delete, working_get, working_items, working_set
 from kelpie.core import KelpieError
 from kelpie.runtime import Actor, ActorContext, ActorId, ActorRuntime
+from kelpie.storage import StorageError
 
 AGENT_KIND = "agent"
 
@@ -127,8 +124,9 @@ class AgentServices:
     #: The model client for an agent's LLM settings (made once per distinct settings).
     llm: Callable[[LLMConfig], LLMClient]
     embedder: Embedder
-    #: The node's runtime (set by `open_agents`): agents reach their blocks through it.
+    #: The node's runtime and the cluster's blocks (both set by `open_agents`).
     runtime: ActorRuntime | None = None
+    blocks: BlockStore | None = None
     #: run_id -> where to send that run's streamed text (kelpie/agent/_service.py).
     streams: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = attrs.Factory(dict)
     #: TESTING ONLY. False: a repeat of an interrupted request starts a new turn instead of
@@ -136,9 +134,9 @@ class AgentServices:
     #: scenario must catch. Never turn it off in production.
     resume_turns: bool = True
 
-    def need_runtime(self) -> ActorRuntime:
-        assert self.runtime is not None, "open_agents sets the runtime before any agent runs"
-        return self.runtime
+    def need_blocks(self) -> BlockStore:
+        assert self.blocks is not None, "open_agents sets the blocks before any agent runs"
+        return self.blocks
 
 
 def agent_actor_id(agent_id: str) -> ActorId:
@@ -304,41 +302,29 @@ class AgentActor(Actor):
         return await self._describe(self.state)
 
     async def _create_blocks(self, spec: Mapping[str, Any]) -> list[str]:
-        """Checks and makes the new agent's blocks (new ones, and shared ones it attaches)."""
-        runtime = self.services.need_runtime()
-        block_ids: list[str] = []
-        labels: set[str] = set()
-        total = 0
+        """Makes the new agent's blocks and attaches them, with the shared ones it names."""
+        blocks = self.services.need_blocks()
         new_blocks = spec.get("memory_blocks") or []
         if not isinstance(new_blocks, list):
             raise InvalidAgentRequest("memory_blocks must be a list of blocks (label, value, ...)")
+        made = []
         for i, fields in enumerate(new_blocks):
             if not isinstance(fields, dict):
                 raise InvalidAgentRequest("each of memory_blocks is an object (label, value, ...)")
-            block_id = derived_id("block", self.actor_id.id, str(i))
             try:
-                block = Block.new(block_id, **fields)
+                made.append(Block.new(derived_id("block", self.actor_id.id, str(i)), **fields))
             except TypeError as exc:
                 raise InvalidAgentRequest(f"memory_blocks[{i}]: {exc}") from None
-            labels, total = _add_label(labels, block.label), total + len(block.value)
-            block_ids.append(block_id)
-        for block_id in spec.get("block_ids") or []:
-            data = await runtime.invoke(block_actor_id(_str(block_id, "block_ids")), {"op": "get"})
-            if data is None:
-                raise BlockNotFound(f"block {block_id!r} does not exist")
-            labels, total = _add_label(labels, data["label"]), total + len(data["value"])
-            block_ids.append(block_id)
-        if total > CORE_MEMORY_MAX_CHARS:
-            raise BlockError(
-                f"the blocks hold {total} characters together, over the core-memory total of "
-                f"{CORE_MEMORY_MAX_CHARS}"
-            )
-        for i, fields in enumerate(new_blocks):
-            await runtime.invoke(
-                block_actor_id(block_ids[i]),
-                {"op": "create", "block": fields},
-                idempotency_key=f"{self.actor_id.id}/create/{i}",
-            )
+        shared = spec.get("block_ids") or []
+        if not isinstance(shared, list):
+            raise InvalidAgentRequest("block_ids must be a list of block ids")
+        block_ids = [b.id for b in made] + [_str(b, "block_ids") for b in shared]
+        labels = [b.label for b in made]
+        if len(set(labels)) != len(labels):
+            raise InvalidAgentRequest(f"an agent's blocks need distinct labels, got {labels}")
+        for block in made:
+            await blocks.create(block)
+        await blocks.attach(self.actor_id.id, block_ids)
         return block_ids
 
     async def _describe(self, agent: Mapping[str, Any]) -> dict[str, Any]:
@@ -362,13 +348,8 @@ class AgentActor(Actor):
         }
 
     async def _blocks(self) -> list[Block]:
-        runtime = self.services.need_runtime()
-        out = []
-        for block_id in self._agent()["blocks"]:
-            data = await runtime.invoke(block_actor_id(block_id), {"op": "get"})
-            if data is not None:  # a shared block deleted elsewhere drops out of the prompt
-                out.append(Block.from_json(data))
-        return out
+        """The agent's blocks now (a shared block deleted elsewhere drops out)."""
+        return await self.services.need_blocks().get_many(self._agent()["blocks"])
 
     # -- turns --------------------------------------------------------------------------
 
@@ -409,6 +390,7 @@ class AgentActor(Actor):
             client_tools=tuple(t.name for t in client_tools),
             stream=bool(message.get("stream")),
             first_seq=agent["seq"],
+            reply_seq=agent["seq"],
             heartbeats_paused=agent["paused_until_ms"] > ctx.env.clock.wall_ms(),
         )
         agent["client_tools"] = [[t.name, t.description, dict(t.parameters)] for t in client_tools]
@@ -450,22 +432,28 @@ class AgentActor(Actor):
             ctx.env.emit("agent.llm_error", agent=self.actor_id.id, error=type(exc).__name__)
             await ctx.checkpoint()
             return
-        calls = tuple(
-            # The model's ids are kept unless missing or repeated (they answer tool results).
-            call
-            if call.id and call.id not in {c.id for c in response.tool_calls[:i]}
-            else attrs.evolve(call, id=ctx.env.rng.make_id("call"))
-            for i, call in enumerate(response.tool_calls)
+        # The model's call ids are kept (its results answer them) unless missing or already
+        # used in the window: some servers number calls afresh in every reply.
+        used = {c.id for m in await self._load_window(ctx) for c in m.tool_calls}
+        calls = []
+        for made in response.tool_calls:
+            call = made
+            if not call.id or call.id in used:
+                call = attrs.evolve(made, id=ctx.env.rng.make_id("call"))
+            used.add(call.id)
+            calls.append(call)
+        response = attrs.evolve(response, tool_calls=tuple(calls))
+        stored = self._store(
+            ctx, turn.run_id, "assistant", response.content, tool_calls=tuple(calls)
         )
-        response = attrs.evolve(response, tool_calls=calls)
-        self._window_add(
-            self._store(ctx, turn.run_id, "assistant", response.content, tool_calls=calls)
-        )
+        self._window_add(stored)
+        turn.step_seq = stored.seq
         turn.model_replied(response)
         await ctx.checkpoint()
 
     async def _tool_step(self, ctx: ActorContext, turn: Turn, calls: Sequence[ToolCall]) -> None:
-        done = {m.tool_call_id: m for m in await self._load_window(ctx) if m.role == "tool"}
+        window = await self._load_window(ctx)
+        done = {m.tool_call_id: m for m in window if m.role == "tool" and m.seq > turn.step_seq}
         outcomes = []
         for call in calls:
             result = done.get(call.id)
@@ -524,6 +512,7 @@ class AgentActor(Actor):
             raise InvalidAgentRequest(
                 f"answer every pending tool call; missing: {', '.join(missing)}"
             )
+        turn.reply_seq = self._agent()["seq"]
         for call_id, (text, status) in answers.items():
             self._window_add(
                 self._store(
@@ -566,7 +555,7 @@ class AgentActor(Actor):
     async def _reply(
         self, ctx: ActorContext, turn: Turn, stop_reason: str | None = None
     ) -> dict[str, Any]:
-        messages = await messages_from(ctx, turn.first_seq)
+        messages = await messages_from(ctx, turn.reply_seq)
         stop: dict[str, Any] = {
             "message_type": "stop_reason",
             "stop_reason": stop_reason or turn.stop_reason,
@@ -668,12 +657,8 @@ class AgentActor(Actor):
         except LLMError as exc:
             ctx.env.emit("agent.summary_failed", agent=self.actor_id.id, error=type(exc).__name__)
             summary = ""
-        if not summary:  # no summary: say what is missing and where to find it
+        if not summary:  # no summary: the prompt still says where the evicted turns are
             summary = previous
-        summary = (
-            f"{summary}\n({window[cut].seq} earlier messages are in recall memory; search them "
-            "with conversation_search)"
-        ).strip()
         self._store(ctx, turn.run_id, "user", summary, kind="summary")
         agent["summary"] = summary
         agent["window_start"] = window[cut].seq
@@ -710,6 +695,14 @@ class AgentActor(Actor):
             run_id=run_id,
             **fields,
         )
+        size = encoded_size(message)
+        if size > MESSAGE_MAX_BYTES:
+            if role == "user" or message.kind == "approval":  # the client's: refuse it
+                raise InvalidAgentRequest(
+                    f"a message of {size} bytes is over the limit of {MESSAGE_MAX_BYTES}; "
+                    "send less (split it, or put a document in archival memory)"
+                )
+            message = _cut_to_fit(message, size)  # the model's or a tool's: cut, and say so
         agent["seq"] += 1
         store_message(ctx, message)
         return message
@@ -723,7 +716,7 @@ class AgentActor(Actor):
             raise ToolFailed(f"Error: there is no tool named {call.name!r}. Tools: {available}")
         try:
             args = json.loads(call.arguments or "{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ToolFailed(
                 f"Error: the arguments of {call.name} are not valid JSON ({exc}); "
                 "call it again with a JSON object"
@@ -742,10 +735,15 @@ class AgentActor(Actor):
             )
         try:
             return await self._builtin(ctx, turn, call, args)
+        except StorageError:
+            raise  # not the tool's failure: the step runs again and settles it (same key)
+        except (ToolFailed, AssertionError):
+            raise
         except KelpieError as exc:
             raise ToolFailed(f"Error: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise ToolFailed(f"Error: bad arguments for {call.name}: {exc}") from None
+        except Exception as exc:  # whatever odd arguments made the tool raise
+            ctx.env.emit("agent.tool_error", tool=call.name, error=type(exc).__name__)
+            raise ToolFailed(f"Error: {call.name} failed ({type(exc).__name__}): {exc}") from None
 
     async def _builtin(
         self, ctx: ActorContext, turn: Turn, call: ToolCall, args: dict[str, Any]
@@ -762,7 +760,8 @@ class AgentActor(Actor):
             "memory_rethink",
         ):
             edit = _block_edit(name, args)
-            block = await self._edit_block(args["label"], edit, key=f"{self.actor_id.id}/{call.id}")
+            key = f"{self.actor_id.id}/{turn.step_seq}/{call.id}"
+            block = await self._edit_block(args["label"], edit, key=key)
             return (
                 f"Block {block.label!r} now holds {len(block.value)} of {block.limit} characters."
             )
@@ -778,14 +777,16 @@ class AgentActor(Actor):
                 ]
             )
         if name == "conversation_search":
-            limit = args.get("limit") or 10
+            limit = 10 if args.get("limit") is None else args["limit"]
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 50:
+                raise ToolFailed("Error: limit must be an integer from 1 to 50")
             page, total = await search_messages(
                 ctx,
                 query=_str(args["query"], "query"),
                 roles=args.get("roles") or (),
                 start_ms=_time_arg(args, "start_date"),
                 end_ms=_time_arg(args, "end_date"),
-                limit=max(1, min(int(limit), 50)),
+                limit=limit,
             )
             return json.dumps(
                 {
@@ -812,12 +813,7 @@ class AgentActor(Actor):
         if target is None:
             labels = ", ".join(b.label for b in blocks) or "none"
             raise BlockNotFound(f"there is no memory block labelled {label!r}; blocks: {labels}")
-        others = sum(len(b.value) for b in blocks if b.id != target.id)
-        edit["room"] = CORE_MEMORY_MAX_CHARS - others
-        data = await self.services.need_runtime().invoke(
-            block_actor_id(target.id), edit, idempotency_key=key
-        )
-        return Block.from_json(data)
+        return await self.services.need_blocks().edit(target.id, edit, key=key)
 
     # -- archival -----------------------------------------------------------------------
 
@@ -894,6 +890,25 @@ class AgentActor(Actor):
             "agent_id": self.actor_id.id,
             "embedding_model": passage.model_id,
         }
+
+
+def _cut_to_fit(message: Message, size: int) -> Message:
+    """`message` with its longest texts cut, each with a note saying so, to fit a row."""
+    excess = size - MESSAGE_MAX_BYTES + 4096  # room for the notes and JSON escapes
+
+    def cut(text: str) -> str:
+        nonlocal excess
+        if excess <= 0 or not text:
+            return text
+        keep = max(0, len(text) - excess)
+        excess -= len(text) - keep
+        return f"{text[:keep]}...[cut: {len(text) - keep} characters over the message limit]"
+
+    while encoded_size(message) > MESSAGE_MAX_BYTES:
+        calls = tuple(attrs.evolve(c, arguments=cut(c.arguments)) for c in message.tool_calls)
+        message = attrs.evolve(message, content=cut(message.content), tool_calls=calls)
+        excess = max(excess, encoded_size(message) - MESSAGE_MAX_BYTES + 4096)
+    return message
 
 
 def _str(value: Any, name: str) -> str:

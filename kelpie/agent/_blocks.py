@@ -2,18 +2,23 @@
 
 A block (Letta's `Block`) is a labelled piece of text an agent always sees:
 `label`, `value`, `limit` (characters), `description`, `read_only`, `metadata`.
-Every block is its own actor (kind "block"): one agent's blocks, and blocks
-shared between agents (standalone blocks attached to several), are edited the
-same way, one edit at a time, with the limit checked inside the block's own
-invocation, so two agents appending at once can never push it over.
+Blocks are records of the store, not of one agent: an agent's own blocks and
+standalone blocks shared between agents are the same thing, attached to one
+agent or to several.
 
 Limits, in characters (Letta counts characters): each block's `limit`
 (default 5,000 for a new block), and `CORE_MEMORY_MAX_CHARS` (32 KiB) for all
 the blocks one agent sees together. Every edit, from the REST API or from the
-model's tools, is refused with a `BlockLimitExceeded` that says by how much;
-nothing is ever truncated. LLM edits carry an idempotency key made from the
-tool call, so an edit is applied once even when its step is run again after a
-crash.
+model's tools, runs in ONE serializable transaction that reads the block and the
+core-memory ledger of every agent it is attached to (`core/<agent>`: the size of
+each of that agent's blocks), checks both limits and writes them all. Two edits
+of blocks of the same agent therefore conflict and run one after the other, so
+no interleaving can take an agent past its total; an edit that would is refused
+with `BlockLimitExceeded` saying by how much, and nothing is truncated.
+
+The model's edits carry an idempotency key made from the tool call; the block
+remembers its last `APPLIED_KEYS_MAX` keys, so an edit run again after a crash, or
+retried after `commit_unknown_result`, is applied once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any
 import attrs
 
 from kelpie.core import KelpieError
-from kelpie.runtime import Actor, ActorContext, ActorId
+from kelpie.env import Rng
+from kelpie.storage import RetryPolicy, Store, Transaction, pack, read_blob, transact, write_blob
 
 #: The most characters all of one agent's core-memory blocks may hold together.
 CORE_MEMORY_MAX_CHARS = 32 * 1024
@@ -34,7 +40,10 @@ BLOCK_LIMIT_DEFAULT_CHARS = 5_000
 #: The longest label; labels are also XML-ish tags in the prompt, so they are identifiers.
 LABEL_MAX_CHARS = 100
 
-BLOCK_KIND = "block"
+#: How many recent edit keys a block remembers (an edit with one of them is not redone).
+APPLIED_KEYS_MAX = 64
+#: How block transactions retry conflicts and outages.
+BLOCK_RETRY = RetryPolicy(attempts_max=30, backoff_initial_ms=2, backoff_max_ms=200)
 
 
 class BlockError(KelpieError):
@@ -174,65 +183,6 @@ def render_memory(blocks: Sequence[Block]) -> str:
     return "\n".join(parts)
 
 
-class BlockActor(Actor):
-    """One block, edited one operation at a time. Messages are JSON objects with an "op".
-
-    - `{"op": "create", "block": {...}}` -> the block (refused if it exists).
-    - `{"op": "get"}` -> the block, or None.
-    - `{"op": "update", "fields": {...}}` (REST: value, limit, description,
-      read_only, metadata, label) -> the block.
-    - `{"op": "append", "content", "room"}`, `{"op": "replace", "old", "new", "room"}`,
-      `{"op": "rewrite", "value", "room"}`, `{"op": "insert", "content", "line", "room"}`
-      (the model's edits; refused on a read-only block; `room` is the most
-      characters the block may hold for the editing agent's core-memory total).
-    - `{"op": "delete"}` -> None.
-    """
-
-    def __init__(self, actor_id: ActorId) -> None:
-        self.actor_id = actor_id
-        self.block: Block | None = None
-
-    def dump_state(self) -> bytes | None:
-        return None if self.block is None else json.dumps(self.block.to_json()).encode()
-
-    def load_state(self, data: bytes | None) -> None:
-        self.block = None if data is None else Block.from_json(json.loads(data))
-
-    def _existing(self) -> Block:
-        if self.block is None:
-            raise BlockNotFound(f"block {self.actor_id.id} does not exist")
-        return self.block
-
-    async def handle(self, ctx: ActorContext, message: Any) -> Any:
-        op = message.get("op") if isinstance(message, dict) else None
-        if op == "get":
-            return None if self.block is None else self.block.to_json()
-        if op == "create":
-            if self.block is not None:
-                raise BlockError(f"block {self.actor_id.id} already exists")
-            fields = dict(message["block"])
-            fields.pop("id", None)
-            self.block = Block.new(self.actor_id.id, **fields)
-            return self.block.to_json()
-        if op == "delete":
-            self.block = None
-            return None
-        block = self._existing()
-        if op == "update":
-            self.block = _update(block, message["fields"])
-            return self.block.to_json()
-        if block.read_only:
-            raise BlockReadOnly(
-                f"block {block.label!r} is read-only; the agent cannot edit it (a user can, "
-                "through the API)"
-            )
-        value = _edit(block, op, message)
-        room = message.get("room")
-        _check_fits(block, value, room if isinstance(room, int) else None)
-        self.block = attrs.evolve(block, value=value)
-        return self.block.to_json()
-
-
 def _update(block: Block, fields: Mapping[str, Any]) -> Block:
     unknown = sorted(
         set(fields) - {"value", "limit", "description", "read_only", "metadata", "label"}
@@ -284,19 +234,182 @@ def _text(message: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _check_fits(block: Block, value: str, room: int | None) -> None:
+def _check_fits(block: Block, value: str) -> None:
     if len(value) > block.limit:
         raise BlockLimitExceeded(
             f"block {block.label!r} would hold {len(value)} characters, over its limit of "
             f"{block.limit} (it holds {len(block.value)} now); nothing was changed. Make the "
             "text shorter, or replace old content instead of appending"
         )
-    if room is not None and len(value) > room:
-        raise BlockLimitExceeded(
-            f"core memory would hold {len(value) - room} characters more than its total of "
-            f"{CORE_MEMORY_MAX_CHARS}; nothing was changed. Make the text shorter"
-        )
 
 
-def block_actor_id(block_id: str) -> ActorId:
-    return ActorId(BLOCK_KIND, block_id)
+def _block_key(block_id: str) -> bytes:
+    return pack(("block", block_id))
+
+
+def _ledger_key(agent_id: str) -> bytes:
+    return pack(("core", agent_id))
+
+
+async def _read(tr: Transaction, block_id: str) -> dict[str, Any] | None:
+    data = await read_blob(tr, _block_key(block_id))
+    return None if data is None else dict(json.loads(data))
+
+
+def _write(tr: Transaction, record: Mapping[str, Any]) -> None:
+    write_blob(tr, _block_key(record["id"]), json.dumps(record).encode())
+
+
+async def _ledger(tr: Transaction, agent_id: str) -> dict[str, int]:
+    raw = await tr.get(_ledger_key(agent_id))
+    return {} if raw is None else dict(json.loads(raw))
+
+
+async def _resize(tr: Transaction, record: Mapping[str, Any], new_len: int) -> None:
+    """Checks `new_len` against the total of every agent the block is attached to, and
+    records it in their ledgers."""
+    block_id = record["id"]
+    for agent_id in record["agents"]:
+        ledger = await _ledger(tr, agent_id)
+        others = sum(size for other, size in ledger.items() if other != block_id)
+        if others + new_len > CORE_MEMORY_MAX_CHARS:
+            raise BlockLimitExceeded(
+                f"core memory of agent {agent_id} would hold {others + new_len} characters, "
+                f"over its total of {CORE_MEMORY_MAX_CHARS} (its other blocks hold {others}); "
+                "nothing was changed. Make the text shorter"
+            )
+        ledger[block_id] = new_len
+        tr.set(_ledger_key(agent_id), json.dumps(ledger).encode())
+
+
+async def _check_label_free(tr: Transaction, record: Mapping[str, Any], label: str) -> None:
+    for agent_id in record["agents"]:
+        for other in await _ledger(tr, agent_id):
+            sibling = await _read(tr, other) if other != record["id"] else None
+            if sibling is not None and sibling["label"] == label:
+                raise BlockError(
+                    f"agent {agent_id} already has a block labelled {label!r}; labels of one "
+                    "agent's blocks must differ"
+                )
+
+
+def _record(block: Block, agents: list[str], applied: list[str]) -> dict[str, Any]:
+    return block.to_json() | {"agents": agents, "applied": applied[-APPLIED_KEYS_MAX:]}
+
+
+class BlockStore:
+    """The blocks of one store, read and edited in transactions (see the module docstring)."""
+
+    def __init__(self, store: Store, rng: Rng, policy: RetryPolicy = BLOCK_RETRY) -> None:
+        self._store = store
+        self._rng = rng
+        self._policy = policy
+
+    async def _run(self, fn: Any) -> Any:
+        return await transact(self._store, fn, rng=self._rng, policy=self._policy)
+
+    async def create(self, block: Block, *, attach_to: str | None = None) -> Block:
+        """Stores a new block (made with `Block.new`); a retry of the same creation is a no-op."""
+
+        async def create(tr: Transaction) -> Block:
+            record = await _read(tr, block.id)
+            if record is not None:
+                if record["label"] != block.label:
+                    raise BlockError(f"block {block.id} already exists")
+                return Block.from_json(record)
+            _write(tr, _record(block, [], []))
+            return block
+
+        made: Block = await self._run(create)
+        if attach_to is not None:
+            await self.attach(attach_to, [block.id])
+        return made
+
+    async def get(self, block_id: str) -> Block | None:
+        async def get(tr: Transaction) -> dict[str, Any] | None:
+            return await _read(tr, block_id)
+
+        record = await self._run(get)
+        return None if record is None else Block.from_json(record)
+
+    async def get_many(self, block_ids: Sequence[str]) -> list[Block]:
+        """The blocks that exist, in the order asked (one consistent snapshot)."""
+
+        async def get(tr: Transaction) -> list[dict[str, Any]]:
+            records = [await _read(tr, block_id) for block_id in block_ids]
+            return [r for r in records if r is not None]
+
+        return [Block.from_json(r) for r in await self._run(get)]
+
+    async def attach(self, agent_id: str, block_ids: Sequence[str]) -> list[Block]:
+        """Attaches blocks to an agent, within its core-memory total. Idempotent."""
+
+        async def attach(tr: Transaction) -> list[Block]:
+            ledger = await _ledger(tr, agent_id)
+            blocks = []
+            for block_id in block_ids:
+                record = await _read(tr, block_id)
+                if record is None:
+                    raise BlockNotFound(f"block {block_id!r} does not exist")
+                if agent_id not in record["agents"]:
+                    record["agents"] = [*record["agents"], agent_id]
+                    _write(tr, record)
+                ledger[block_id] = len(record["value"])
+                blocks.append(Block.from_json(record))
+            labels = [b.label for b in blocks]
+            if len(set(labels)) != len(labels):
+                raise BlockError(f"an agent's blocks need distinct labels, got {labels}")
+            total = sum(ledger.values())
+            if total > CORE_MEMORY_MAX_CHARS:
+                raise BlockLimitExceeded(
+                    f"the blocks hold {total} characters together, over the core-memory "
+                    f"total of {CORE_MEMORY_MAX_CHARS}"
+                )
+            tr.set(_ledger_key(agent_id), json.dumps(ledger).encode())
+            return blocks
+
+        result: list[Block] = await self._run(attach)
+        return result
+
+    async def update(self, block_id: str, fields: Mapping[str, Any]) -> Block:
+        """A user's edit (REST): any of value, limit, description, read_only, metadata, label."""
+
+        async def update(tr: Transaction) -> Block:
+            record = await _read(tr, block_id)
+            if record is None:
+                raise BlockNotFound(f"block {block_id!r} does not exist")
+            block = _update(Block.from_json(record), fields)
+            if block.label != record["label"]:
+                await _check_label_free(tr, record, block.label)
+            await _resize(tr, record, len(block.value))
+            _write(tr, _record(block, record["agents"], record["applied"]))
+            return block
+
+        result: Block = await self._run(update)
+        return result
+
+    async def edit(self, block_id: str, edit: Mapping[str, Any], *, key: str) -> Block:
+        """The model's edit (`{"op": "append" | "replace" | "rewrite" | "insert", ...}`),
+        applied once per `key`."""
+
+        async def apply(tr: Transaction) -> Block:
+            record = await _read(tr, block_id)
+            if record is None:
+                raise BlockNotFound(f"block {block_id!r} does not exist")
+            block = Block.from_json(record)
+            if key in record["applied"]:
+                return block
+            if block.read_only:
+                raise BlockReadOnly(
+                    f"block {block.label!r} is read-only; the agent cannot edit it (a user "
+                    "can, through the API)"
+                )
+            value = _edit(block, edit.get("op"), edit)
+            _check_fits(block, value)
+            await _resize(tr, record, len(value))
+            block = attrs.evolve(block, value=value)
+            _write(tr, _record(block, record["agents"], [*record["applied"], key]))
+            return block
+
+        result: Block = await self._run(apply)
+        return result

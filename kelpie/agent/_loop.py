@@ -87,7 +87,7 @@ def wants_heartbeat(call: ToolCall) -> bool:
     """Whether the call's arguments ask for another step (`request_heartbeat: true`)."""
     try:
         args = json.loads(call.arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(args, dict) and args.get(HEARTBEAT_ARG) is True
 
@@ -108,8 +108,13 @@ class Turn:
     #: The current step's calls still to run here, and those waiting for the client.
     server_calls: list[ToolCall] = attrs.field(factory=list)
     client_calls: list[ToolCall] = attrs.field(factory=list)
-    #: The seq of the turn's first message (its reply is everything from there on).
+    #: The seq of the turn's first message.
     first_seq: int = 0
+    #: The seq from which the current request's answer is made (the turn's first message,
+    #: or the client's first approval result when a paused turn goes on).
+    reply_seq: int = 0
+    #: The seq of the model message whose tool calls the current step runs.
+    step_seq: int = 0
     stop_reason: str = ""
     detail: str = ""
     heartbeats_paused: bool = False

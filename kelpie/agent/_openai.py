@@ -35,10 +35,9 @@ retries) and is cut off from the process environment: see `_build_sdk_client`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import httpx2
@@ -47,7 +46,6 @@ import openai
 from kelpie.agent._llm import (
     Finish,
     LLMBadResponse,
-    LLMClient,
     LLMError,
     LLMRequest,
     LLMResponse,
@@ -60,8 +58,8 @@ from kelpie.agent._llm import (
 )
 from kelpie.agent._providers import (
     NO_API_KEY,
+    SdkProvider,
     ServerSentEvent,
-    ServerSentEvents,
     cause_of,
     field,
     hand_on,
@@ -70,8 +68,6 @@ from kelpie.agent._providers import (
 )
 from kelpie.agent._retry import error_for_status, shorten
 from kelpie.env import Env
-
-T = TypeVar("T")
 
 #: The base URL when an LLMConfig names none.
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -82,7 +78,7 @@ _MAX_COMPLETION_TOKENS_HOSTS = frozenset({"api.openai.com"})
 _EMPTY_SCHEMA: Mapping[str, Any] = {"type": "object", "properties": {}}
 
 
-class OpenAIClient(LLMClient):
+class OpenAIClient(SdkProvider):
     """Chat completions on an OpenAI-compatible API (see the module docstring)."""
 
     endpoint_type = "openai"
@@ -110,31 +106,12 @@ class OpenAIClient(LLMClient):
             **params, stream=True, stream_options={"include_usage": True}, timeout=self._timeout_s
         )
         assembly = StreamAssembly()
-        async with contextlib.AsyncExitStack() as stack:
-            response = await self._call(stack.enter_async_context(streaming))
-            body = await stack.enter_async_context(
-                contextlib.aclosing(response.http_response.aiter_bytes())
-            )
-            events = ServerSentEvents()
-            while (chunk := await self._call(anext(body, None))) is not None:
-                for event in events.feed(chunk):
-                    await hand_on(assembly.add(_data(event)), on_text)
-            for event in events.finish():
-                await hand_on(assembly.add(_data(event)), on_text)
+
+        async def add(event: ServerSentEvent) -> None:
+            await hand_on(assembly.add(_data(event)), on_text)
+
+        await self._read_events(streaming, add)
         return assembly.finish()
-
-    async def _call(self, operation: Awaitable[T]) -> T:
-        """Awaits one SDK or transport operation, turning its failures into `LLMError`s.
-
-        Only these operations: what `on_text` raises is the consumer's, not the provider's.
-        """
-        try:
-            return await operation
-        except Exception as exc:
-            error = self._translate(exc)
-            if error is None:
-                raise
-            raise error from exc
 
     def _translate(self, exc: Exception) -> LLMError | None:  # noqa: PLR0911 - one per kind
         """The `LLMError` for an exception of the SDK or the transport (None: not ours)."""

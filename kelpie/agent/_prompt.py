@@ -71,8 +71,13 @@ def build_request(
     window: Sequence[Message],
 ) -> LLMRequest:
     messages = [m.prompt for m in window]
-    if summary:
-        messages.insert(0, PromptMessage("user", f"{SUMMARY_HEADER}\n{summary}"))
+    earlier = window[0].seq if window else 0
+    if summary or earlier:
+        note = (
+            f"({earlier} earlier messages are in recall memory; search them with "
+            "conversation_search)"
+        )
+        messages.insert(0, PromptMessage("user", f"{SUMMARY_HEADER}\n{summary}\n{note}".strip()))
     return LLMRequest(
         model=config.model,
         system=system,

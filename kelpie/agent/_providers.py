@@ -25,13 +25,16 @@ What both providers (kelpie/agent/_openai.py, _anthropic.py) use:
 
 from __future__ import annotations
 
+import abc
 import codecs
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import httpx2
 
-from kelpie.agent._llm import LLMBadResponse, LLMClient, LLMConfig, TextSink
+from kelpie.agent._llm import LLMBadResponse, LLMClient, LLMConfig, LLMError, TextSink
 from kelpie.agent._retry import (
     LLMRetryPolicy,
     RetryingLLM,
@@ -48,6 +51,7 @@ __all__ = [
     "ENDPOINT_TYPES",
     "NO_API_KEY",
     "SSE_EVENT_MAX_CHARS",
+    "SdkProvider",
     "ServerSentEvent",
     "ServerSentEvents",
     "cause_of",
@@ -60,6 +64,8 @@ __all__ = [
     "shorten",
     "text_of",
 ]
+
+T = TypeVar("T")
 
 #: The accepted `model_endpoint_type`s.
 ENDPOINT_TYPES = ("anthropic", "openai")
@@ -232,3 +238,42 @@ class ServerSentEvents:
             self._data.append(value)
             self._data_size += len(value)
         return None
+
+
+class SdkProvider(LLMClient):
+    """What both SDK-backed providers do alike: turn SDK failures into `LLMError`s, and
+    read a streamed body event by event (closing everything they open)."""
+
+    @abc.abstractmethod
+    def _translate(self, exc: Exception) -> LLMError | None:
+        """The `LLMError` for an exception of the SDK or the transport (None: not ours)."""
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        """Awaits one SDK or transport operation, turning its failures into `LLMError`s.
+
+        Only these operations: what `on_text` raises is the consumer's, not the provider's.
+        """
+        try:
+            return await operation
+        except Exception as exc:
+            error = self._translate(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def _read_events(
+        self,
+        streaming: contextlib.AbstractAsyncContextManager[Any],
+        on_event: Callable[[ServerSentEvent], Awaitable[None]],
+    ) -> None:
+        """Opens the SDK's streaming response and hands on each server-sent event."""
+        async with contextlib.AsyncExitStack() as stack:
+            response = await self._call(stack.enter_async_context(streaming))
+            chunks: AsyncGenerator[bytes, None] = response.http_response.aiter_bytes()
+            body = await stack.enter_async_context(contextlib.aclosing(chunks))
+            events = ServerSentEvents()
+            while (chunk := await self._call(anext(body, None))) is not None:
+                for event in events.feed(chunk):
+                    await on_event(event)
+            for event in events.finish():
+                await on_event(event)

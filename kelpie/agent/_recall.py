@@ -30,6 +30,13 @@ MessageKind = Literal["", "heartbeat", "summary", "approval", "error"]
 
 _MSG = b"m/"
 _MSG_ID = b"mi/"
+_CHUNK = b"mc/"
+
+#: A stored message row holds at most this many bytes; a longer message is split into
+#: rows of this size (a row of the store holds at most 100,000 bytes).
+CHUNK_BYTES = 90_000
+#: The largest message, as stored JSON: a longer user message or tool result is refused.
+MESSAGE_MAX_BYTES = 1024 * 1024
 
 
 def _seq_key(seq: int) -> bytes:
@@ -113,16 +120,43 @@ class Message:
         )
 
 
+def encoded_size(message: Message) -> int:
+    return len(json.dumps(message.to_json()).encode())
+
+
 def store_message(ctx: ActorContext, message: Message) -> None:
-    """Adds `message` to recall when the current step commits."""
-    ctx.kv_set(_seq_key(message.seq), json.dumps(message.to_json()).encode())
+    """Adds `message` to recall when the current step commits (split if it is long)."""
+    data = json.dumps(message.to_json()).encode()
+    assert len(data) <= MESSAGE_MAX_BYTES, "callers refuse or cut longer messages"
+    if len(data) <= CHUNK_BYTES:
+        ctx.kv_set(_seq_key(message.seq), data)
+    else:
+        pieces = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+        head = {"chunks": len(pieces), "seq": message.seq}
+        ctx.kv_set(_seq_key(message.seq), json.dumps(head).encode())
+        for i, piece in enumerate(pieces):
+            ctx.kv_set(_chunk_key(message.seq, i), piece)
     ctx.kv_set(_MSG_ID + message.id.encode(), str(message.seq).encode())
+
+
+def _chunk_key(seq: int, index: int) -> bytes:
+    return _CHUNK + seq.to_bytes(8, "big") + index.to_bytes(4, "big")
+
+
+async def _decode(ctx: ActorContext, value: bytes) -> Message:
+    data = json.loads(value)
+    if "id" not in data:  # a long message's head row: its JSON is in its chunk rows
+        seq = data["seq"]
+        rows = await ctx.kv_range(_chunk_key(seq, 0), _chunk_key(seq + 1, 0))
+        assert len(rows) == data["chunks"], (seq, len(rows), data)
+        data = json.loads(b"".join(piece for _, piece in rows))
+    return Message.from_json(data)
 
 
 async def messages_from(ctx: ActorContext, seq: int, *, limit: int = 0) -> list[Message]:
     """The messages with sequence number >= `seq`, oldest first (at most `limit`)."""
     rows = await ctx.kv_range(_seq_key(seq), _seq_key(2**63), limit=limit)
-    return [Message.from_json(json.loads(value)) for _, value in rows]
+    return [await _decode(ctx, value) for _, value in rows]
 
 
 async def get_message(ctx: ActorContext, message_id: str) -> Message | None:
@@ -130,7 +164,7 @@ async def get_message(ctx: ActorContext, message_id: str) -> Message | None:
     if raw is None:
         return None
     value = await ctx.kv_get(_seq_key(int(raw)))
-    return None if value is None else Message.from_json(json.loads(value))
+    return None if value is None else await _decode(ctx, value)
 
 
 async def page_messages(
@@ -154,7 +188,7 @@ async def page_messages(
         else:
             end = min(end, int(raw))
     rows = await ctx.kv_range(_seq_key(begin), _seq_key(end), limit=limit, reverse=not ascending)
-    return [Message.from_json(json.loads(value)) for _, value in rows]
+    return [await _decode(ctx, value) for _, value in rows]
 
 
 async def search_messages(
@@ -176,7 +210,7 @@ async def search_messages(
     matches: list[Message] = []
     rows = await ctx.kv_items(_MSG)
     for _, value in reversed(rows):
-        message = Message.from_json(json.loads(value))
+        message = await _decode(ctx, value)
         if message.kind in ("heartbeat", "summary"):
             continue
         if roles and message.role not in roles:

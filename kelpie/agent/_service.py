@@ -17,41 +17,26 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import trio
-
 from kelpie.agent._agent import AGENT_KIND, AgentActor, AgentServices, agent_actor_id
-from kelpie.agent._blocks import BLOCK_KIND, BlockActor, block_actor_id
+from kelpie.agent._blocks import Block, BlockStore
+from kelpie.agent._delivery import RESEND, invoke_until_known
 from kelpie.agent._errors import InvalidAgentRequest
 from kelpie.agent._llm import LLMClient, LLMConfig
 from kelpie.agent._providers import make_llm_client
 from kelpie.agent._retry import LLMRetryPolicy
-from kelpie.env import DeliveryUnknown, Env, RemoteFailure
+from kelpie.env import Env
 from kelpie.runtime import (
     Actor,
     ActorId,
     ActorRuntime,
     InvalidActorId,
-    InvocationInterrupted,
-    InvocationTimeout,
     RuntimeConfig,
     open_runtime,
 )
-from kelpie.storage import CommitUnknownResult, RetryPolicy, Store
+from kelpie.storage import RetryPolicy, Store
 
 #: An agent turn calls a model several times: it may take minutes.
 AGENT_RUNTIME_CONFIG = RuntimeConfig(invocation_timeout_ms=15 * 60_000)
-
-#: How `Agents` delivers a request again when its outcome was unknown.
-_RESEND = RetryPolicy(attempts_max=5, backoff_initial_ms=50)
-
-#: Errors after which a request may or may not have been applied: send it again.
-_MAYBE_APPLIED = (
-    CommitUnknownResult,
-    InvocationInterrupted,
-    InvocationTimeout,
-    DeliveryUnknown,
-    RemoteFailure,
-)
 
 
 def llm_clients(
@@ -79,9 +64,7 @@ def agent_factory(services: AgentServices) -> Callable[[ActorId], Actor]:
     def factory(actor_id: ActorId) -> Actor:
         if actor_id.namespace == AGENT_KIND:
             return AgentActor(actor_id, services)
-        if actor_id.namespace == BLOCK_KIND:
-            return BlockActor(actor_id)
-        raise InvalidActorId(f"this node runs agents and blocks, not {actor_id.namespace!r}")
+        raise InvalidActorId(f"this node runs agents, not {actor_id.namespace!r}")
 
     return factory
 
@@ -96,6 +79,7 @@ async def open_agents(
     """Runs a node of agents until the block ends (then drains it, like `open_runtime`)."""
     async with open_runtime(store, env, agent_factory(services), config) as runtime:
         services.runtime = runtime
+        services.blocks = BlockStore(store, env.rng.fork("blocks"))
         yield Agents(runtime, env, services)
 
 
@@ -108,7 +92,7 @@ class Agents:
         env: Env,
         services: AgentServices,
         *,
-        resend: RetryPolicy = _RESEND,
+        resend: RetryPolicy = RESEND,
     ) -> None:
         self.runtime = runtime
         self._env = env
@@ -117,18 +101,9 @@ class Agents:
 
     async def _call(self, agent_id: str, message: Mapping[str, Any], key: str | None) -> Any:
         actor = agent_actor_id(agent_id)
-        attempt = 1
-        while True:
-            try:
-                return await self.runtime.invoke(actor, dict(message), idempotency_key=key)
-            except _MAYBE_APPLIED as exc:
-                if key is None or attempt >= self._resend.attempts_max:
-                    raise
-                self._env.emit(
-                    "agent.resend", agent=agent_id, error=type(exc).__name__, attempt=attempt
-                )
-            await trio.sleep(self._resend.backoff_ms(attempt, self._env.rng) / 1000)
-            attempt += 1
+        return await invoke_until_known(
+            self.runtime, self._env, actor, dict(message), key, self._resend
+        )
 
     # -- agents -------------------------------------------------------------------------
 
@@ -240,17 +215,13 @@ class Agents:
 
     async def create_block(self, fields: Mapping[str, Any], *, block_id: str | None = None) -> Any:
         """A standalone block (attach it to agents with `block_ids` when creating them)."""
-        block_id = block_id or self._env.rng.make_id("block")
-        return await self.runtime.invoke(
-            block_actor_id(block_id),
-            {"op": "create", "block": dict(fields)},
-            idempotency_key=f"create/{block_id}",
-        )
+        block = Block.new(block_id or self._env.rng.make_id("block"), **dict(fields))
+        return (await self._services.need_blocks().create(block)).to_json()
 
     async def get_block(self, block_id: str) -> Any:
-        return await self.runtime.invoke(block_actor_id(block_id), {"op": "get"})
+        block = await self._services.need_blocks().get(block_id)
+        return None if block is None else block.to_json()
 
     async def update_block(self, block_id: str, fields: Mapping[str, Any]) -> Any:
-        return await self.runtime.invoke(
-            block_actor_id(block_id), {"op": "update", "fields": dict(fields)}
-        )
+        """A user's edit: the block's limit and every attached agent's total are enforced."""
+        return (await self._services.need_blocks().update(block_id, fields)).to_json()

@@ -233,6 +233,8 @@ class _Activation:
         #: The state in memory may differ from the store's: reload before the actor runs again.
         self.stale = False
         self.busy = False
+        #: The running invocation committed a checkpoint (ActorContext.checkpoint).
+        self.checkpointed = False
         self.stopped = trio.Event()
         self.idle_scope: trio.CancelScope | None = None
         self.last_used_s = trio.current_time()
@@ -796,6 +798,7 @@ class ActorRuntime:
             if isinstance(exc, CommitUnknownResult):
                 uncertain.append(True)
 
+        act.checkpointed = True  # the call has applied something: its key must be recorded
         try:
             await self._commit(act, dict(writes), state, None, on_retry)
         except CommitUnknownResult:
@@ -806,6 +809,9 @@ class ActorRuntime:
                     f"a checkpoint of {act.actor_id} failed ({type(exc).__name__}) after an "
                     "attempt whose outcome is unknown; it may have applied"
                 ) from exc
+            raise
+        except BaseException:  # cancelled mid-commit: the store may hold it; ask it later
+            act.stale = True
             raise
         writes.clear()
         act.committed = act.clean = state
@@ -869,11 +875,14 @@ class ActorRuntime:
                 uncertain.append(True)
 
         act.ctx._writes = writes
+        act.checkpointed = False
         try:
             with trio.move_on_after(timeout_s) as deadline:
                 await _run_body(act, body)
                 state = _hook(act.actor_id, "dump_state", act.actor.dump_state)
-                if writes or state != act.clean:
+                # After a checkpoint the call has applied something even when nothing
+                # changed since: its idempotency record is committed all the same.
+                if writes or state != act.clean or (key is not None and act.checkpointed):
                     committing = True
                     await self._commit(act, writes, state, _idem(key, result), on_retry)
         except Exception as exc:
@@ -895,7 +904,7 @@ class ActorRuntime:
         except BaseException:  # Cancelled: no time to ask the store
             if committing:
                 act.stale = True
-            else:
+            elif not act.stale:  # (a checkpoint cut short marked it stale already)
                 self._restore(act)
             raise
         if deadline.cancelled_caught:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,10 +12,10 @@ from _scripted import LLM_CONFIG, ManualClock, ScriptedLLM, call, embedder, make
 
 from kelpie.agent import LLMRequest, LLMUnavailable
 from kelpie.agent._agent import AgentServices
-from kelpie.agent._blocks import CORE_MEMORY_MAX_CHARS, BlockLimitExceeded
+from kelpie.agent._blocks import CORE_MEMORY_MAX_CHARS, BlockError, BlockLimitExceeded
 from kelpie.agent._errors import ApprovalPending, InvalidAgentRequest, NoApprovalPending
 from kelpie.agent._service import Agents, open_agents
-from kelpie.storage import MemoryStore, Store
+from kelpie.storage import CommitUnknownResult, MemoryStore, Store
 
 BLOCKS = [
     {"label": "human", "value": "Unknown so far.", "limit": 200, "description": "The user."},
@@ -142,7 +143,7 @@ def test_core_memory_total_is_enforced_across_blocks() -> None:
         agent_id = (await agents.create(spec))["id"]
         answer = await agents.send(agent_id, [{"role": "user", "content": "hi"}])
         error = next(m for m in answer["messages"] if m["message_type"] == "tool_return_message")
-        assert "core memory would hold" in error["tool_return"]
+        assert f"core memory of agent {agent_id} would hold 32818" in error["tool_return"]
         with pytest.raises(BlockLimitExceeded):
             await agents.create(
                 {
@@ -150,6 +151,43 @@ def test_core_memory_total_is_enforced_across_blocks() -> None:
                     "memory_blocks": [{"label": "a", "value": "z" * 10, "limit": 5}],
                 }
             )
+
+    run(llm, body)
+
+
+def test_the_total_holds_for_rest_edits_and_for_blocks_shared_between_agents() -> None:
+    llm = ScriptedLLM(
+        reply(
+            "",
+            call("core_memory_append", label="team", content="t" * 3000, request_heartbeat=False),
+        ),
+        reply("", call("send_message", message="That does not fit.")),
+    )
+
+    async def body(agents: Agents) -> None:
+        team = await agents.create_block({"label": "team", "value": "", "limit": 20_000})
+        x = (
+            await agents.create(
+                {
+                    "llm_config": LLM_CONFIG,
+                    "memory_blocks": [{"label": "notes", "value": "n" * 30_000, "limit": 30_000}],
+                    "block_ids": [team["id"]],
+                }
+            )
+        )["id"]
+        y = await new_agent(agents, block_ids=[team["id"]])  # y has room to spare; x has not
+        answer = await agents.send(y, [{"role": "user", "content": "note it"}])
+        error = next(m for m in answer["messages"] if m["message_type"] == "tool_return_message")
+        assert error["status"] == "error" and f"core memory of agent {x}" in error["tool_return"]
+        with pytest.raises(BlockLimitExceeded, match=f"agent {x}"):
+            await agents.update_block(team["id"], {"value": "u" * 3000})
+        assert (await agents.get_block(team["id"]))["value"] == ""
+        await agents.update_block(team["id"], {"value": "u" * 2000})  # fits both
+        notes = next(b for b in (await agents.get(x))["blocks"] if b["label"] == "notes")
+        with pytest.raises(BlockLimitExceeded):
+            await agents.update_block(notes["id"], {"value": "n" * 30_769})
+        with pytest.raises(BlockError, match="labelled 'notes'"):
+            await agents.update_block(team["id"], {"label": "notes"})
 
     run(llm, body)
 
@@ -433,5 +471,132 @@ def test_a_long_conversation_is_summarised_and_stays_searchable() -> None:
         history = await agents.messages(agent_id, limit=1000)
         users = [m for m in history if m["message_type"] == "user_message"]
         assert len(users) == 40  # nothing lost from recall
+
+    run(llm, body)
+
+
+def test_a_call_id_reused_in_a_later_step_gets_its_own_result() -> None:
+    from kelpie.agent import ToolCall
+
+    def edit(content: str) -> ToolCall:  # servers that number calls afresh in every reply
+        args = {"label": "human", "content": content, "request_heartbeat": True}
+        return ToolCall("call_0", "core_memory_append", json.dumps(args))
+
+    llm = ScriptedLLM(
+        reply("", edit("likes tea")),
+        reply("", edit("likes cats")),
+        reply("", call("send_message", message="ok")),
+    )
+
+    async def body(agents: Agents) -> None:
+        agent_id = await new_agent(agents)
+        await agents.send(agent_id, [{"role": "user", "content": "hi"}])
+        human = (await agents.get(agent_id))["blocks"][0]["value"]
+        assert human == "Unknown so far.\nlikes tea\nlikes cats"
+        last = llm.requests[-1].messages
+        calls = [c.id for m in last for c in m.tool_calls]
+        results = [m.tool_call_id for m in last if m.role == "tool"]
+        assert len(set(calls)) == 2 and results == calls
+
+    run(llm, body)
+
+
+def test_odd_arguments_are_tool_errors_never_a_failed_turn() -> None:
+    from kelpie.agent import ToolCall
+
+    llm = ScriptedLLM(
+        reply("", ToolCall("c1", "conversation_search", '{"query": "x", "limit": Infinity}')),
+        reply("", ToolCall("c2", "conversation_search", "[" * 100_000 + "]" * 100_000)),
+        reply("", call("send_message", message="sorry")),
+    )
+
+    async def body(agents: Agents) -> None:
+        agent_id = await new_agent(agents)
+        answer = await agents.send(agent_id, [{"role": "user", "content": "x"}])
+        assert answer["stop_reason"]["stop_reason"] == "end_turn"
+        errors = [m for m in answer["messages"] if m.get("status") == "error"]
+        assert len(errors) == 2 and "limit must be an integer" in errors[0]["tool_return"]
+
+    run(llm, body)
+
+
+class UnknownOnce:
+    """The node's runtime, but the first block edit applies and then says its outcome is unknown."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def invoke(self, actor: Any, message: Any, **kwargs: Any) -> Any:
+        value = await self.inner.invoke(actor, message, **kwargs)
+        if actor.namespace == "block" and message.get("op") == "append" and not self.fired:
+            self.fired = True
+            raise CommitUnknownResult("the commit may have applied")
+        return value
+
+
+def test_a_block_edit_with_an_unknown_outcome_is_settled_not_reported_as_failed() -> None:
+    llm = ScriptedLLM(
+        reply(
+            "",
+            call("core_memory_append", label="human", content="Likes tea.", request_heartbeat=True),
+        ),
+        reply("", call("send_message", message="noted")),
+    )
+
+    async def main() -> None:
+        services = AgentServices(llm=lambda config: llm, embedder=embedder())
+        async with open_agents(MemoryStore(), make_env(1), services) as agents:
+            agent_id = await new_agent(agents)
+            services.runtime = UnknownOnce(services.runtime)  # type: ignore[assignment]
+            answer = await agents.send(agent_id, [{"role": "user", "content": "I like tea"}])
+            result = next(
+                m for m in answer["messages"] if m["message_type"] == "tool_return_message"
+            )
+            assert result["status"] == "success"
+            human = (await agents.get(agent_id))["blocks"][0]["value"]
+            assert human == "Unknown so far.\nLikes tea."
+
+    trio.run(main)
+
+
+def test_the_answer_to_an_approval_holds_only_what_followed_it() -> None:
+    llm = ScriptedLLM(reply("", call("deploy")), reply("Deployed."))
+
+    async def body(agents: Agents) -> None:
+        agent_id = await new_agent(agents, "letta_v1_agent")
+        first = await agents.send(
+            agent_id, [{"role": "user", "content": "ship it"}], client_tools=[{"name": "deploy"}]
+        )
+        call_id = first["messages"][-1]["tool_call"]["tool_call_id"]
+        answer = await agents.answer(
+            agent_id, [{"type": "tool", "tool_call_id": call_id, "tool_return": "done"}]
+        )
+        assert types(answer) == ["tool_return_message", "assistant_message"]
+
+    run(llm, body)
+
+
+def test_long_messages_are_kept_whole_and_too_long_ones_refused_or_cut() -> None:
+    long_text = "é" * 150_000  # 300 kB of JSON: stored over several rows
+    llm = ScriptedLLM(
+        lambda request: reply(request.messages[-1].content[:10] + "z" * 2_000_000),
+    )
+
+    async def body(agents: Agents) -> None:
+        agent_id = await new_agent(agents, "letta_v1_agent")
+        with pytest.raises(InvalidAgentRequest, match="over the limit"):
+            await agents.send(agent_id, [{"role": "user", "content": "x" * 2_000_000}])
+        answer = await agents.send(agent_id, [{"role": "user", "content": long_text}])
+        history = await agents.messages(agent_id)
+        assert history[0]["content"] == long_text
+        reply_text = answer["messages"][-1]["content"]
+        assert reply_text.startswith("é" * 10 + "zzz") and "characters over the message limit" in (
+            reply_text
+        )
+        assert len(reply_text) < 1_100_000
 
     run(llm, body)

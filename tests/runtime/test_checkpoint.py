@@ -99,3 +99,37 @@ def test_kv_range_merges_the_invocations_writes_in_either_direction() -> None:
             ]
 
     trio.run(main)
+
+
+class CheckpointsLast(Actor):
+    """Its last change is checkpointed: nothing is left for the invocation's own commit."""
+
+    def __init__(self, actor_id: ActorId) -> None:
+        self.n = 0
+
+    def dump_state(self) -> bytes | None:
+        return json.dumps(self.n).encode()
+
+    def load_state(self, data: bytes | None) -> None:
+        self.n = 0 if data is None else json.loads(data)
+
+    async def handle(self, ctx: ActorContext, message: Any) -> Any:
+        if message == "get":
+            return self.n
+        self.n += 1
+        await ctx.checkpoint()
+        return self.n
+
+
+def test_a_call_that_checkpointed_still_records_its_idempotency_key() -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        actor = ActorId("last", "a")
+        async with open_runtime(store, ENV, CheckpointsLast) as runtime:
+            assert await runtime.invoke(actor, "inc", idempotency_key="k1") == 1
+            assert await runtime.invoke(actor, "inc", idempotency_key="k1") == 1
+        async with open_runtime(store, ENV, CheckpointsLast) as runtime:  # from the store
+            assert await runtime.invoke(actor, "inc", idempotency_key="k1") == 1
+            assert await runtime.invoke(actor, "get") == 1
+
+    trio.run(main)
