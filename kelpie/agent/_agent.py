@@ -227,6 +227,25 @@ class AgentActor(Actor):
         )
         return self._letta(page)
 
+    async def _op_messages_search(self, ctx: ActorContext, message: Mapping[str, Any]) -> Any:
+        """Recall search: messages containing every word of `query`, newest first, with
+        optional `roles` and an ISO 8601 `start_date`/`end_date` range."""
+        query = message.get("query") or ""
+        roles = message.get("roles") or []
+        if not isinstance(roles, list) or not all(
+            r in ("user", "assistant", "tool") for r in roles
+        ):
+            raise InvalidAgentRequest("roles must be a list of 'user', 'assistant', 'tool'")
+        page, total = await search_messages(
+            ctx,
+            query=_str(query, "query"),
+            roles=roles,
+            start_ms=_time_arg(message, "start_date"),
+            end_ms=_time_arg(message, "end_date"),
+            limit=_limit(message),
+        )
+        return {"total": total, "messages": self._letta(page)}
+
     async def _op_archival_insert(self, ctx: ActorContext, message: Mapping[str, Any]) -> Any:
         return [await self._insert_passage(ctx, message.get("text"), message.get("tags"))]
 

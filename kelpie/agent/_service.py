@@ -176,6 +176,13 @@ class Agents:
         """A page of the history (after, before, limit, order) as Letta messages."""
         return await self._call(agent_id, {"op": "messages", **page}, None)
 
+    async def search_messages(self, agent_id: str, query: str = "", **filters: Any) -> Any:
+        """Recall search: {total, messages} whose text holds every word of `query`, newest
+        first (filters: roles, start_date, end_date as ISO 8601, limit)."""
+        return await self._call(
+            agent_id, {"op": "messages_search", "query": query, **filters}, None
+        )
+
     # -- archival and working memory ----------------------------------------------------
 
     async def archival_insert(

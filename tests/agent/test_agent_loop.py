@@ -600,3 +600,31 @@ def test_long_messages_are_kept_whole_and_too_long_ones_refused_or_cut() -> None
         assert len(reply_text) < 1_100_000
 
     run(llm, body)
+
+
+def test_recall_is_searchable_by_text_role_and_date() -> None:
+    llm = ScriptedLLM(*[reply("Noted.")] * 3)
+
+    async def body(agents: Agents) -> None:
+        agent_id = await new_agent(agents, "letta_v1_agent")
+        clock = agents.runtime._env.clock
+        assert isinstance(clock, ManualClock)
+        for text in ("The lighthouse is red.", "Pears are ripe.", "The lighthouse moved."):
+            clock.now_ms += 86_400_000
+            await agents.send(agent_id, [{"role": "user", "content": text}])
+        found = await agents.search_messages(agent_id, "LIGHTHOUSE", roles=["user"])
+        assert found["total"] == 2
+        assert [m["content"] for m in found["messages"]] == [
+            "The lighthouse moved.",
+            "The lighthouse is red.",
+        ]
+        dated = await agents.search_messages(
+            agent_id, "lighthouse", start_date="2026-01-03", end_date="2026-01-03T23:59:59"
+        )
+        assert dated["total"] == 0
+        dated = await agents.search_messages(agent_id, "", start_date="2026-01-04")
+        assert [m["content"] for m in dated["messages"]] == ["Noted.", "The lighthouse moved."]
+        with pytest.raises(InvalidAgentRequest, match="ISO 8601"):
+            await agents.search_messages(agent_id, "x", start_date="yesterday")
+
+    run(llm, body)
