@@ -126,14 +126,18 @@ def prompt_build(window_len: int, repeats: int) -> list[float]:
         Block.new(f"b{i}", label=f"block{i}", value="m" * per_block, limit=per_block)
         for i in range(4)
     ]
-    window = [
-        Message(f"m{i}", i, "user" if i % 2 == 0 else "assistant", "word " * 40, created_at_ms=i)
-        for i in range(window_len)
-    ]
     config = LLMConfig(**CONFIG)
     tools = [builtin_spec(name, "memgpt_agent") for name in base_tools("memgpt_agent")]
     times = []
     for _ in range(repeats):
+        # Fresh messages each time: nothing cached (an agent caches each message's prompt
+        # form, so its later steps are cheaper than this).
+        window = [
+            Message(
+                f"m{i}", i, "user" if i % 2 == 0 else "assistant", "word " * 40, created_at_ms=i
+            )
+            for i in range(window_len)
+        ]
         t = time.perf_counter()
         system = system_prompt("You are a bench.", blocks, now_ms=0, in_recall=0, passages=0)
         build_request(config, system, tools, "", window)

@@ -5,12 +5,13 @@ node at a time and handles one request at a time: one turn at a time per
 agent. Its state (`dump_state`) is its configuration, its block ids, its prompt
 window and the turn in progress; its history (recall), passages (archival) and
 working memory are rows of its working memory (kelpie/agent/_recall.py,
-_archival.py, _working.py); its core-memory blocks are block actors
+_archival.py, _working.py); its core-memory blocks are records of the store,
+edited in transactions that keep every attached agent within its total
 (kelpie/agent/_blocks.py).
 
 A turn (kelpie/agent/_loop.py) persists every step with `ctx.checkpoint()`:
-the user's messages before the first model call, each model reply, each tool
-result. A crash loses at most the step under way. When the same request is
+the user's messages before the first model call, each model reply, each
+step's tool results. A crash loses at most the step under way. When the same request is
 delivered again (the caller retries with the same `request_id`), the turn
 resumes from its last checkpoint and stores nothing twice; when a different
 request comes first, the interrupted turn is closed (its unanswered tool calls

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import math
 import re
 from collections.abc import Sequence
 
@@ -44,6 +43,7 @@ import trio
 # The SDK client on env.http, cut off from OPENAI_* variables and from the SDK's
 # platform probe on a worker thread: one recipe for chat and embeddings.
 from kelpie.agent._openai import _build_sdk_client
+from kelpie.agent._retry import retry_after_ms
 from kelpie.core import ConfigError, KelpieError
 from kelpie.env import Env, Rng
 
@@ -364,27 +364,8 @@ def _status_error(exc: openai.APIStatusError, where: str) -> EmbeddingError:
     status = exc.status_code
     message = f"{where}: HTTP {status}: {exc.message[:500]}"
     if status == 429:
-        wait_ms = _retry_after_ms(exc.response.headers)
+        wait_ms = retry_after_ms(exc.response.headers)
         return EmbeddingRateLimited(message, retry_after_ms=wait_ms)
     if status >= 500 or status == 408:
         return EmbeddingUnavailable(message)
     return EmbeddingRejected(message, status_code=status)
-
-
-def _retry_after_ms(headers: httpx2.Headers) -> int | None:
-    """The wait a 429 asks for: `retry-after-ms` (OpenAI's), else `retry-after` in seconds.
-
-    As for the LLM: the HTTP-date form is ignored (reading it would need the
-    wall clock; the backoff covers it), and so are negative or non-finite values.
-    """
-    for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            number = float(value.strip())
-        except ValueError:
-            continue
-        if math.isfinite(number) and number >= 0:
-            return math.ceil(number * scale)
-    return None

@@ -4,11 +4,13 @@
         agent = await agents.create({"llm_config": {...}, "memory_blocks": [...]})
         reply = await agents.send(agent["id"], [{"role": "user", "content": "hi"}])
 
-Every agent and block is an actor on the runtime this opens (one node of the
-cluster sharing `store`). `send` delivers a request with an idempotency key
-(its `request_id`): if the outcome of a delivery is unknown (a crash, a commit
-whose result is unknown, a timeout), it delivers the same request again, and
-the agent resumes the interrupted turn instead of storing anything twice.
+Every agent is an actor on the runtime this opens (one node of the cluster
+sharing `store`); blocks are records of the store (kelpie/agent/_blocks.py).
+
+`send` delivers a request with an idempotency key (its `request_id`): if the
+outcome of a delivery is unknown (a crash, a commit whose result is unknown, a
+timeout), it delivers the same request again, and the agent resumes the
+interrupted turn instead of storing anything twice.
 """
 
 from __future__ import annotations
