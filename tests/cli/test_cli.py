@@ -165,6 +165,7 @@ def test_sweep_passes_and_honours_the_budget() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # minutes of sweeping: over the default 900 s
 def test_sweep_of_1000_seeds_passes() -> None:
     """Acceptance: `kelpie sweep --seeds 1000` over the toy scenarios passes on this machine."""
     done = kelpie("sweep", "--seeds", "1000", "--jobs", "2", timeout=3000)
@@ -173,6 +174,7 @@ def test_sweep_of_1000_seeds_passes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # minutes of sweeping: over the default 900 s
 def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
     """Acceptance: 200 seeds of every deterministic scenario hash identically in fresh processes."""
     names = [
@@ -186,6 +188,7 @@ def test_determinism_holds_on_200_seeds_of_each_scenario() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # minutes of sweeping: over the default 900 s
 def test_determinism_holds_on_40_seeds_of_conversations() -> None:
     """Acceptance: agents talking through the SDKs replay identically in fresh processes."""
     done = kelpie(
@@ -196,6 +199,7 @@ def test_determinism_holds_on_40_seeds_of_conversations() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # minutes of sweeping: over the default 900 s
 def test_sweep_catches_the_cluster_without_its_commit_fence() -> None:
     """Acceptance: a 200-seed sweep of `cluster_unfenced` (fencing switched off) fails."""
     done = kelpie("sweep", "--seeds", "200", "--scenario", "cluster_unfenced", timeout=3000)
@@ -205,6 +209,7 @@ def test_sweep_catches_the_cluster_without_its_commit_fence() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # minutes of sweeping: over the default 900 s
 def test_sweep_finds_the_planted_race_within_200_seeds() -> None:
     """Acceptance: a 200-seed sweep of the planted race fails, with reproduce commands."""
     done = kelpie("sweep", "--seeds", "200", "--scenario", "race", timeout=3000)
