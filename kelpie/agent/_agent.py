@@ -101,7 +101,7 @@ from kelpie.agent._tools import (
 )
 from kelpie.agent._working import working_delete, working_get, working_items, working_set
 from kelpie.core import KelpieError
-from kelpie.runtime import Actor, ActorContext, ActorId, ActorRuntime
+from kelpie.runtime import Actor, ActorContext, ActorId
 from kelpie.storage import StorageError
 
 AGENT_KIND = "agent"
@@ -125,8 +125,7 @@ class AgentServices:
     #: The model client for an agent's LLM settings (made once per distinct settings).
     llm: Callable[[LLMConfig], LLMClient]
     embedder: Embedder
-    #: The node's runtime and the cluster's blocks (both set by `open_agents`).
-    runtime: ActorRuntime | None = None
+    #: The cluster's blocks (set by `open_agents`).
     blocks: BlockStore | None = None
     #: run_id -> where to send that run's streamed text (kelpie/agent/_service.py).
     streams: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = attrs.Factory(dict)

@@ -80,7 +80,6 @@ async def open_agents(
 ) -> AsyncIterator[Agents]:
     """Runs a node of agents until the block ends (then drains it, like `open_runtime`)."""
     async with open_runtime(store, env, agent_factory(services), config) as runtime:
-        services.runtime = runtime
         services.blocks = BlockStore(store, env.rng.fork("blocks"))
         yield Agents(runtime, env, services)
 

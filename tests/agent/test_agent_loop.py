@@ -12,10 +12,10 @@ from _scripted import LLM_CONFIG, ManualClock, ScriptedLLM, call, embedder, make
 
 from kelpie.agent import LLMRequest, LLMUnavailable
 from kelpie.agent._agent import AgentServices
-from kelpie.agent._blocks import CORE_MEMORY_MAX_CHARS, BlockError, BlockLimitExceeded
+from kelpie.agent._blocks import CORE_MEMORY_MAX_CHARS, Block, BlockError, BlockLimitExceeded
 from kelpie.agent._errors import ApprovalPending, InvalidAgentRequest, NoApprovalPending
 from kelpie.agent._service import Agents, open_agents
-from kelpie.storage import CommitUnknownResult, MemoryStore, Store
+from kelpie.storage import CommitUnknownResult, MemoryStore, Store, pack
 
 BLOCKS = [
     {"label": "human", "value": "Unknown so far.", "limit": 200, "description": "The user."},
@@ -521,21 +521,45 @@ def test_odd_arguments_are_tool_errors_never_a_failed_turn() -> None:
 
 
 class UnknownOnce:
-    """The node's runtime, but the first block edit applies and then says its outcome is unknown."""
+    """A store whose first commit that writes a block applies, then says its outcome is unknown."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Store) -> None:
         self.inner = inner
+        self.armed = False
         self.fired = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def invoke(self, actor: Any, message: Any, **kwargs: Any) -> Any:
-        value = await self.inner.invoke(actor, message, **kwargs)
-        if actor.namespace == "block" and message.get("op") == "append" and not self.fired:
-            self.fired = True
+    def transaction(self) -> Any:
+        return _UnknownOnceTransaction(self, self.inner.transaction())
+
+
+class _UnknownOnceTransaction:
+    def __init__(self, store: UnknownOnce, inner: Any) -> None:
+        self.store = store
+        self.inner = inner
+        self.writes_block = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def __aenter__(self) -> _UnknownOnceTransaction:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        return await self.inner.__aexit__(*exc_info)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self.writes_block |= key.startswith(pack(("block",)))
+        self.inner.set(key, value)
+
+    async def commit(self) -> None:
+        await self.inner.commit()
+        if self.writes_block and self.store.armed and not self.store.fired:
+            self.store.fired = True
             raise CommitUnknownResult("the commit may have applied")
-        return value
 
 
 def test_a_block_edit_with_an_unknown_outcome_is_settled_not_reported_as_failed() -> None:
@@ -550,9 +574,19 @@ def test_a_block_edit_with_an_unknown_outcome_is_settled_not_reported_as_failed(
     async def main() -> None:
         services = AgentServices(llm=lambda config: llm, embedder=embedder())
         async with open_agents(MemoryStore(), make_env(1), services) as agents:
-            agent_id = await new_agent(agents)
-            services.runtime = UnknownOnce(services.runtime)  # type: ignore[assignment]
+            flaky = UnknownOnce(MemoryStore())
+            services.blocks._store = flaky  # type: ignore[union-attr]
+            assert services.blocks is not None
+            await services.blocks.create(Block.new("b-tea", label="human", value="Unknown so far."))
+            await services.blocks.attach("agent-tea", ["b-tea"])
+            agent_id = (
+                await agents.create(
+                    {"llm_config": LLM_CONFIG, "block_ids": ["b-tea"]}, agent_id="agent-tea"
+                )
+            )["id"]
+            flaky.armed = True  # from here on: the model's edit
             answer = await agents.send(agent_id, [{"role": "user", "content": "I like tea"}])
+            assert flaky.fired  # the edit's commit did report an unknown outcome
             result = next(
                 m for m in answer["messages"] if m["message_type"] == "tool_return_message"
             )
